@@ -1,0 +1,36 @@
+# One command each: `make demo` runs the main job, `make test` runs the tests; both install what is missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# glibc keeps freed activation buffers in per-thread arenas; this keeps reported memory honest and stable.
+export MALLOC_MMAP_THRESHOLD_ ?= 1048576
+
+.PHONY: install test lint bench demo clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# The CPU wheel of torch first, pinned: a looser spec pulls a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check pylomin tests scripts examples
+	$(BIN)/ruff format --check pylomin tests scripts examples
+	$(BIN)/mypy
+
+bench: install
+	$(BIN)/python scripts/bench_convert.py
+
+demo: install
+	$(BIN)/python scripts/demo.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

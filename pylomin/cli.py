@@ -1,0 +1,119 @@
+"""`pylomin-convert` and `pylomin` (convert, info, verify): thin argparse front ends returning an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from pylomin import manifest as fmt
+from pylomin.convert import convert
+from pylomin.errors import PylominError
+from pylomin.store import verify
+
+_USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, PylominError)
+_CONVERT_EXAMPLE = """example:
+  pylomin-convert ./bert-large ./bert-large-pylomin            # a Hugging Face model folder
+  pylomin-convert model.safetensors out/ --unit leaf --dtype float16
+"""
+
+
+def _add_convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="a Hugging Face model folder, or a .safetensors / .bin / .pt state dict")
+    p.add_argument("out_dir", help="the folder to write (built beside it, renamed into place at the end)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast floating-point tensors")
+    p.add_argument("--unit", choices=["block", "leaf"], default="block", help="unit granularity (default: block)")
+    p.add_argument("--blocks-per-unit", type=int, default=1, metavar="N", help="blocks per unit file (default: 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _convert(args: argparse.Namespace) -> int:
+    out = convert(
+        args.src,
+        args.out_dir,
+        dtype=args.dtype,
+        unit=args.unit,
+        blocks_per_unit=args.blocks_per_unit,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    m = fmt.read(out)
+    if not args.quiet:
+        print(f"{out}: {len(m.units)} units, {m.nbytes / 2**20:.1f} MiB")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    m = fmt.read(args.folder)
+    width = max([len(u.name) for u in m.units] + [4])
+    print(f"{'unit':<{width}}  {'tensors':>7}  {'MiB':>9}  dtypes")
+    for u in m.units:
+        dtypes = ",".join(sorted({t.dtype for t in u.tensors.values()}))
+        print(f"{u.name or '(root)':<{width}}  {len(u.tensors):>7}  {u.nbytes / 2**20:>9.2f}  {dtypes}")
+    largest = max(m.units, key=lambda u: u.nbytes)
+    print(f"{len(m.units)} units, {sum(len(u.tensors) for u in m.units)} tensors, {m.nbytes / 2**20:.1f} MiB; "
+          f"largest unit `{largest.name}` {largest.nbytes / 2**20:.1f} MiB; {len(m.aliases)} aliases")
+    for alias, target in m.aliases.items():
+        print(f"alias {alias} -> {target}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    m = verify(args.folder)
+    print(f"{args.folder}: OK ({len(m.units)} unit files, {m.nbytes / 2**20:.1f} MiB checked)")
+    return 0
+
+
+def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except _USER_ERRORS as e:
+        msg = str(e).splitlines()[0] if isinstance(e, (FileNotFoundError, FileExistsError)) else str(e)
+        print(f"{parser.prog}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted; nothing was left behind", file=sys.stderr)
+        return 130
+
+
+def convert_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `pylomin-convert`."""
+    parser = argparse.ArgumentParser(
+        prog="pylomin-convert",
+        description="Shard a checkpoint into one safetensors file per unit plus a pylomin.json manifest.",
+        epilog=_CONVERT_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_convert_args(parser)
+    parser.set_defaults(func=_convert)
+    return _run(parser, argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `pylomin`."""
+    parser = argparse.ArgumentParser(
+        prog="pylomin",
+        description="Run PyTorch models whose weights do not fit in memory.",
+        epilog="example:\n  pylomin convert ./gpt2 ./gpt2-pylomin\n  pylomin info ./gpt2-pylomin\n  pylomin verify ./gpt2-pylomin\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    p = sub.add_parser("convert", help="shard a checkpoint into unit files", epilog=_CONVERT_EXAMPLE,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_convert_args(p)
+    p.set_defaults(func=_convert)
+    p = sub.add_parser("info", help="list the units of a converted folder")
+    p.add_argument("folder")
+    p.set_defaults(func=_info)
+    p = sub.add_parser("verify", help="check sizes, headers and checksums of a converted folder")
+    p.add_argument("folder")
+    p.set_defaults(func=_verify)
+    return _run(parser, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

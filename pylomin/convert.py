@@ -1,0 +1,280 @@
+"""Checkpoint -> one safetensors file per unit + `pylomin.json`, streamed in bounded memory, written atomically."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+import zlib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from pylomin import manifest as fmt
+from pylomin.checkpoint import Checkpoint, SourceTensor, open_checkpoint, release_pages
+from pylomin.errors import PylominError
+
+logger = logging.getLogger(__name__)
+
+# Bytes copied per read/write: what bounds the converter's memory, whatever the tensor sizes.
+CHUNK_BYTES = 16 * 1024 * 1024
+_TMP_MARK = ".pylomin-tmp-"
+Granularity = Literal["block", "leaf"]
+
+
+def convert(
+    src: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | str | None = None,
+    unit: Granularity = "block",
+    blocks_per_unit: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Shard a checkpoint into one safetensors file per unit plus a `pylomin.json` manifest.
+
+    Tensors are copied in chunks of 16 MiB, so memory stays bounded whatever the model size. The
+    folder is built beside `out_dir` and renamed into place at the end: a folder with a manifest
+    is always complete.
+
+    Args:
+        src: a Hugging Face model folder, or a single `.safetensors`, `.bin` or `.pt` state dict.
+        out_dir: the folder to create.
+        dtype: cast floating-point tensors to this dtype (integer and bool tensors are kept).
+        unit: `"block"` (one unit per block of a numbered container, e.g. `encoder.layer.7`, other
+            tensors with their parent module) or `"leaf"` (one unit per module owning tensors).
+        blocks_per_unit: with `unit="block"`, put this many consecutive blocks in one unit file.
+        overwrite: replace a non-empty `out_dir`.
+        progress: show a progress bar in bytes.
+
+    Returns:
+        The path of the converted folder.
+
+    Example:
+        >>> pylomin.convert("bert-large/", "bert-large-pylomin/", dtype="float16")
+    """
+    if unit not in ("block", "leaf"):
+        raise ValueError(f"unit must be 'block' or 'leaf', got {unit!r}")
+    if blocks_per_unit < 1:
+        raise ValueError(f"blocks_per_unit must be >= 1, got {blocks_per_unit}")
+    out_dtype = fmt.parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    if out_dtype is not None and not out_dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype, got `{out_dtype}`")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"`{out}` exists and is not empty; pass --overwrite (overwrite=True) to replace it")
+    ckpt = open_checkpoint(src)
+    if not ckpt.tensors:
+        raise ValueError(f"`{src}` holds no tensors")
+    plan = plan_units([t.name for t in ckpt.tensors], unit=unit, blocks_per_unit=blocks_per_unit)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{_TMP_MARK}{os.getpid()}-", dir=out.parent))
+    try:
+        m = _write_units(ckpt, plan, tmp, out_dtype, progress)
+        m.source = {
+            "path": str(Path(src).resolve()),
+            "files": [{"name": f.name, "size": f.stat().st_size} for f in ckpt.weight_files],
+        }
+        m.dtype = str(out_dtype).removeprefix("torch.") if out_dtype else None
+        for f in ckpt.extra_files:
+            shutil.copyfile(f, tmp / f.name)
+            m.extra_files.append(f.name)
+        fmt.write(m, tmp)  # last: only a complete folder has a manifest
+        _fsync_dir(tmp / fmt.UNITS_DIR)
+        _fsync_dir(tmp)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("converted `%s` -> `%s`: %d units, %.1f MiB", src, out, len(m.units), m.nbytes / 2**20)
+    return out
+
+
+def plan_units(names: Iterable[str], *, unit: Granularity = "block", blocks_per_unit: int = 1) -> dict[str, list[str]]:
+    """Group tensor names into units; returns unit name -> the modules it covers, in execution-order hint.
+
+    >>> plan_units(["emb.weight", "layers.0.fc.weight", "layers.1.fc.weight"], blocks_per_unit=2)
+    {'emb': ['emb'], 'layers.0-1': ['layers.0', 'layers.1']}
+    """
+    groups: dict[tuple[str, int], list[tuple[int, str]]] = {}  # (container, group) -> [(index, block)]
+    units: dict[str, list[str]] = {}
+    for name in names:
+        module = name.rpartition(".")[0]
+        block = _block_of(module) if unit == "block" else None
+        if block is None:
+            units.setdefault(module, [module])
+            continue
+        container, index, prefix = block
+        members = groups.setdefault((container, index // blocks_per_unit), [])
+        if (index, prefix) not in members:
+            members.append((index, prefix))
+    for (container, _), members in groups.items():
+        members.sort()
+        first, last = members[0][0], members[-1][0]
+        base = f"{container}." if container else ""
+        uname = f"{base}{first}" if len(members) == 1 else f"{base}{first}-{last}"
+        units[uname] = [prefix for _, prefix in members]
+    return dict(sorted(units.items(), key=lambda kv: _natural_key(kv[0])))
+
+
+def _block_of(module: str) -> tuple[str, int, str] | None:
+    # The first numeric component marks a block of a numbered container: `model.layers.31.mlp` ->
+    # container `model.layers`, index 31, block `model.layers.31`.
+    parts = module.split(".") if module else []
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[:i]), int(p), ".".join(parts[: i + 1])
+    return None
+
+
+def _natural_key(name: str) -> list[tuple[int, int | str]]:
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", name) if p]
+
+
+def _write_units(
+    ckpt: Checkpoint, plan: dict[str, list[str]], folder: Path, dtype: torch.dtype | None, progress: bool
+) -> fmt.Manifest:
+    (folder / fmt.UNITS_DIR).mkdir()
+    by_unit: dict[str, list[SourceTensor]] = {u: [] for u in plan}
+    unit_of_module = {m: u for u, mods in plan.items() for m in mods}
+    for t in ckpt.tensors:
+        by_unit[_unit_of(t.name, unit_of_module)].append(t)
+    units: list[fmt.Unit] = []
+    handles: dict[Path, BinaryIO] = {}
+    out_bytes = sum(_out_dtype(t, dtype).itemsize * (t.nbytes // t.dtype.itemsize) for t in ckpt.tensors)
+    buf = memoryview(bytearray(CHUNK_BYTES))
+    try:
+        with tqdm(total=out_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="convert", disable=not progress) as bar:
+            for i, (uname, modules) in enumerate(plan.items()):
+                tensors = by_unit[uname]
+                # Larger items first (and 64-byte multiples before odd sizes) keeps every tensor aligned.
+                order = sorted(
+                    range(len(tensors)),
+                    key=lambda k: (-_out_dtype(tensors[k], dtype).itemsize, _out_nbytes(tensors[k], dtype) % 64 != 0, k),
+                )
+                tensors = [tensors[k] for k in order]
+                rel = f"{fmt.UNITS_DIR}/{i:04d}-{_safe(uname)}.safetensors"
+                units.append(_write_unit(folder / rel, rel, uname, modules, tensors, dtype, handles, buf, bar))
+    finally:
+        for h in handles.values():
+            h.close()
+    return fmt.Manifest(units=units, aliases=dict(ckpt.aliases))
+
+
+def _unit_of(name: str, unit_of_module: dict[str, str]) -> str:
+    # The unit covering the deepest enclosing module of `name`.
+    module = name.rpartition(".")[0]
+    while module not in unit_of_module:
+        assert module, f"no unit covers `{name}`"
+        module = module.rpartition(".")[0]
+    return unit_of_module[module]
+
+
+def _write_unit(
+    path: Path,
+    rel: str,
+    uname: str,
+    modules: list[str],
+    tensors: list[SourceTensor],
+    dtype: torch.dtype | None,
+    handles: dict[Path, BinaryIO],
+    buf: memoryview,
+    bar: tqdm,
+) -> fmt.Unit:
+    entries = [(t.name, _out_dtype(t, dtype), t.shape, _out_nbytes(t, dtype)) for t in tensors]
+    header, offsets = fmt.encode_header(entries)
+    crc = 0
+    with open(path, "wb") as out:
+        out.write(header)
+        crc = zlib.crc32(header, crc)
+        for t in tensors:
+            for piece in _chunks(t, _out_dtype(t, dtype), handles, buf):
+                out.write(piece)
+                crc = zlib.crc32(piece, crc)
+                bar.update(len(piece))
+        out.flush()
+        os.fsync(out.fileno())
+        size = out.tell()
+    infos = {
+        name: fmt.TensorInfo(fmt.dtype_code(d), tuple(shape), offsets[name], n) for name, d, shape, n in entries
+    }
+    return fmt.Unit(name=uname, file=rel, size=size, checksum=f"crc32:{crc:08x}", modules=modules, tensors=infos)
+
+
+def _chunks(t: SourceTensor, out_dtype: torch.dtype, handles: dict[Path, BinaryIO], buf: memoryview) -> Iterable[memoryview]:
+    """The bytes of `t` cast to `out_dtype`, at most CHUNK_BYTES of source at a time."""
+    if t.nbytes == 0:
+        return
+    step = CHUNK_BYTES // t.dtype.itemsize  # elements per chunk
+    numel = t.nbytes // t.dtype.itemsize
+    if t.tensor is None:  # raw safetensors bytes: read with readinto into the reused buffer
+        f = handles.get(t.file) or handles.setdefault(t.file, open(t.file, "rb"))  # noqa: SIM115
+        f.seek(t.offset)
+        for start in range(0, numel, step):
+            n = min(step, numel - start) * t.dtype.itemsize
+            got = f.readinto(buf[:n])
+            if got != n:
+                raise PylominError(f"`{t.file}` is truncated: tensor `{t.name}` ends past the end of the file")
+            if out_dtype == t.dtype:
+                yield buf[:n]
+            else:
+                piece = torch.frombuffer(buf[:n], dtype=t.dtype).to(out_dtype)
+                yield memoryview(piece.view(torch.uint8).numpy())
+        return
+    flat = t.tensor.reshape(-1) if t.tensor.is_contiguous() else t.tensor.contiguous().reshape(-1)
+    for start in range(0, numel, step):
+        src = flat[start : start + step]
+        piece = src.to(out_dtype) if out_dtype != t.dtype else src
+        yield memoryview(piece.view(torch.uint8).numpy())
+        if t.mapped:
+            release_pages(src.data_ptr(), src.numel() * src.element_size())
+
+
+def _out_dtype(t: SourceTensor, dtype: torch.dtype | None) -> torch.dtype:
+    return dtype if dtype is not None and t.dtype.is_floating_point else t.dtype
+
+
+def _out_nbytes(t: SourceTensor, dtype: torch.dtype | None) -> int:
+    return t.nbytes // t.dtype.itemsize * _out_dtype(t, dtype).itemsize
+
+
+def _safe(name: str) -> str:
+    return (re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "root")[:120]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    if not out.exists():
+        os.rename(tmp, out)
+    else:
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}{_TMP_MARK}{os.getpid()}-old-", dir=out.parent))
+        os.rename(out, old / "x")
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(out.parent)
+
+
+def _remove_stale_temps(out: Path) -> None:
+    # Temp folders of a converter that was killed (its pid is gone) are removed, never reused.
+    for p in out.parent.glob(f".{out.name}{_TMP_MARK}*"):
+        try:
+            pid = int(p.name[len(f".{out.name}{_TMP_MARK}") :].split("-")[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
+            logger.info("removing `%s`, left by an interrupted conversion", p)
+            shutil.rmtree(p, ignore_errors=True)

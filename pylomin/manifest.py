@@ -1,0 +1,289 @@
+"""The on-disk format shared by the converter and the runtime: `pylomin.json` and safetensors headers."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pylomin.errors import PylominError
+
+FORMAT_NAME = "pylomin"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "pylomin.json"
+UNITS_DIR = "units"
+# Unit files start their data at a multiple of this, so tensors land 64-byte aligned like torch's
+# own allocations (and SIMD kernels take the same path as for in-memory weights).
+DATA_ALIGN = 64
+# A safetensors header larger than this is refused (the reference implementation uses 100 MB).
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "C64": torch.complex64,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+}
+_DTYPE_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def dtype_code(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype (`torch.float32` -> `F32`)."""
+    try:
+        return _DTYPE_CODES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype `{dtype}` cannot be stored in safetensors") from None
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """`float16`, `torch.float16` or `F16` -> `torch.float16`."""
+    if name in SAFETENSORS_DTYPES:
+        return SAFETENSORS_DTYPES[name]
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype `{name}`; use e.g. float32, float16 or bfloat16")
+    return dtype
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a unit file; `offset` is absolute in the file."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    length: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return SAFETENSORS_DTYPES[self.dtype]
+
+
+@dataclass
+class Unit:
+    """A group of tensors paged in and out together, stored in one safetensors file."""
+
+    name: str
+    file: str
+    size: int
+    checksum: str
+    modules: list[str]
+    tensors: dict[str, TensorInfo]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.length for t in self.tensors.values())
+
+
+@dataclass
+class Manifest:
+    """The contents of `pylomin.json`: every unit, its tensors, and the tied-weight aliases."""
+
+    units: list[Unit]
+    aliases: dict[str, str] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    dtype: str | None = None
+    extra_files: list[str] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+
+    def tensor_index(self) -> dict[str, tuple[Unit, TensorInfo]]:
+        """Every stored tensor name -> (unit, info); aliases not included."""
+        return {name: (unit, info) for unit in self.units for name, info in unit.tensors.items()}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(u.nbytes for u in self.units)
+
+    def to_json(self) -> str:
+        doc = {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "source": self.source,
+            "dtype": self.dtype,
+            "aliases": self.aliases,
+            "extra_files": self.extra_files,
+            "units": [
+                {**asdict(u), "tensors": {n: {**asdict(t), "shape": list(t.shape)} for n, t in u.tensors.items()}}
+                for u in self.units
+            ],
+        }
+        return json.dumps(doc, indent=1)
+
+
+def write(manifest: Manifest, folder: str | os.PathLike[str]) -> None:
+    """Write `pylomin.json` into `folder` and fsync it."""
+    path = Path(folder) / MANIFEST_NAME
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(manifest.to_json())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read(folder: str | os.PathLike[str]) -> Manifest:
+    """Read and validate `folder/pylomin.json`.
+
+    Raises:
+        FileNotFoundError: `folder` is not a converted pylomin folder.
+        PylominError: the manifest is corrupt, from another format version, or points outside `folder`.
+    """
+    folder = Path(folder)
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"`{path}` not found: `{folder}` is not a converted pylomin folder; "
+            "create one with `pylomin-convert MODEL OUT_DIR`"
+        )
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PylominError(f"`{path}` is not valid JSON ({e}); convert the model again") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+        raise PylominError(f"`{path}` is not a pylomin manifest; convert the model again")
+    version = doc.get("format_version")
+    if version != FORMAT_VERSION:
+        raise PylominError(
+            f"`{path}` has format_version {version!r}, this pylomin reads version {FORMAT_VERSION}; "
+            "convert the model again with this version (or upgrade pylomin)"
+        )
+    try:
+        units = [_unit_from_json(u, folder) for u in doc["units"]]
+        manifest = Manifest(
+            units=units,
+            aliases={str(k): str(v) for k, v in doc.get("aliases", {}).items()},
+            source=dict(doc.get("source", {})),
+            dtype=doc.get("dtype"),
+            extra_files=[str(x) for x in doc.get("extra_files", [])],
+            format_version=version,
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise PylominError(f"`{path}` is malformed ({type(e).__name__}: {e}); convert the model again") from None
+    stored = manifest.tensor_index()
+    for alias, target in manifest.aliases.items():
+        if target not in stored:
+            raise PylominError(f"`{path}`: alias `{alias}` points to `{target}`, which no unit stores")
+    return manifest
+
+
+def _unit_from_json(u: dict[str, Any], folder: Path) -> Unit:
+    file = str(u["file"])
+    resolve_inside(folder, file)
+    tensors = {
+        str(name): TensorInfo(str(t["dtype"]), tuple(int(d) for d in t["shape"]), int(t["offset"]), int(t["length"]))
+        for name, t in u["tensors"].items()
+    }
+    for name, t in tensors.items():
+        if t.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor `{name}` has unknown dtype {t.dtype!r}")
+    return Unit(
+        name=str(u["name"]),
+        file=file,
+        size=int(u["size"]),
+        checksum=str(u["checksum"]),
+        modules=[str(m) for m in u["modules"]],
+        tensors=tensors,
+    )
+
+
+def resolve_inside(folder: Path, relative: str) -> Path:
+    """`folder/relative`, refusing absolute paths, `..` and symlinks that leave `folder`."""
+    if os.path.isabs(relative) or ".." in Path(relative).parts:
+        raise PylominError(f"unit path `{relative}` escapes the folder `{folder}`; the manifest is not trustworthy")
+    path = folder / relative
+    real_folder = folder.resolve()
+    if path.exists() and not path.resolve().is_relative_to(real_folder):
+        raise PylominError(f"unit path `{relative}` resolves outside `{folder}` (symlink); refusing to read it")
+    return path
+
+
+# --- safetensors headers -------------------------------------------------------------------------
+
+
+def encode_header(entries: list[tuple[str, torch.dtype, tuple[int, ...], int]]) -> tuple[bytes, dict[str, int]]:
+    """Build a safetensors header for `(name, dtype, shape, nbytes)` entries stored back to back.
+
+    Returns the header bytes (length prefix included, padded so data starts at a multiple of
+    DATA_ALIGN) and each tensor's absolute byte offset in the file.
+    """
+    meta: dict[str, Any] = {}
+    rel = 0
+    for name, dtype, shape, nbytes in entries:
+        meta[name] = {"dtype": dtype_code(dtype), "shape": list(shape), "data_offsets": [rel, rel + nbytes]}
+        rel += nbytes
+    body = json.dumps(meta, separators=(",", ":")).encode()
+    padded = -(-(8 + len(body)) // DATA_ALIGN) * DATA_ALIGN - 8
+    body += b" " * (padded - len(body))
+    data_start = 8 + len(body)
+    offsets: dict[str, int] = {}
+    rel = 0
+    for name, _, _, nbytes in entries:
+        offsets[name] = data_start + rel
+        rel += nbytes
+    return struct.pack("<Q", len(body)) + body, offsets
+
+
+def decode_header(path: str | os.PathLike[str], f: Any, file_size: int) -> dict[str, TensorInfo]:
+    """Read and validate the header of the safetensors file open as `f`.
+
+    Returns tensor name -> TensorInfo with absolute offsets; raises PylominError naming `path`
+    when the header is corrupt or its offsets run past the end of the file.
+    """
+    f.seek(0)
+    prefix = f.read(8)
+    if len(prefix) < 8:
+        raise PylominError(f"`{path}` is not a safetensors file (only {len(prefix)} bytes); it is truncated or corrupt")
+    (n,) = struct.unpack("<Q", prefix)
+    if n > MAX_HEADER_BYTES or 8 + n > file_size:
+        raise PylominError(
+            f"`{path}` has a corrupt safetensors header (declares {n} header bytes, file has {file_size}); "
+            "the file is truncated or not safetensors"
+        )
+    raw = f.read(n)
+    try:
+        meta = json.loads(raw)
+        if not isinstance(meta, dict):
+            raise ValueError("header is not a JSON object")
+        data_start = 8 + n
+        out: dict[str, TensorInfo] = {}
+        for name, t in meta.items():
+            if name == "__metadata__":
+                continue
+            dtype = str(t["dtype"])
+            if dtype not in SAFETENSORS_DTYPES:
+                raise ValueError(f"tensor `{name}` has unsupported dtype {dtype!r}")
+            shape = tuple(int(d) for d in t["shape"])
+            begin, end = (int(x) for x in t["data_offsets"])
+            numel = 1
+            for d in shape:
+                if d < 0:
+                    raise ValueError(f"tensor `{name}` has negative shape {shape}")
+                numel *= d
+            itemsize = SAFETENSORS_DTYPES[dtype].itemsize
+            if not 0 <= begin <= end or end - begin != numel * itemsize:
+                raise ValueError(f"tensor `{name}`: offsets {begin}..{end} do not match shape {shape} {dtype}")
+            out[name] = TensorInfo(dtype, shape, data_start + begin, end - begin)
+    except (ValueError, KeyError, TypeError) as e:
+        raise PylominError(f"`{path}` has a corrupt safetensors header ({e}); re-download or re-save it") from None
+    data_end = max((t.offset + t.length for t in out.values()), default=8 + n)
+    if data_end > file_size:
+        raise PylominError(
+            f"`{path}` is truncated: its header needs {data_end} bytes, the file has {file_size}; "
+            "re-download or convert it again"
+        )
+    return out

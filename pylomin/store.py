@@ -1,0 +1,150 @@
+"""Unit files mapped once each: zero-copy tensor views, and telling the kernel which pages are done."""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import threading
+import zlib
+from pathlib import Path
+
+import torch
+
+from pylomin import manifest as fmt
+from pylomin.errors import PylominError
+
+logger = logging.getLogger(__name__)
+_PAGE = mmap.PAGESIZE
+
+
+class Store:
+    """Maps every unit file of a converted folder and hands out zero-copy views of its tensors.
+
+    Sizes and headers are checked against the manifest before anything is mapped, so a truncated
+    or swapped file is an error here, never a SIGBUS later.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], manifest: fmt.Manifest, *, drop_page_cache: bool = True):
+        self.folder = Path(folder)
+        self.manifest = manifest
+        self.drop_page_cache = drop_page_cache
+        self._index = manifest.tensor_index()
+        self._fds: dict[str, int] = {}
+        self._maps: dict[str, mmap.mmap] = {}
+        self._lock = threading.Lock()
+        try:
+            for unit in manifest.units:
+                self._open(unit)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, unit: fmt.Unit) -> None:
+        path = fmt.resolve_inside(self.folder, unit.file)
+        if not path.is_file():
+            raise PylominError(f"unit file `{path}` of unit `{unit.name}` is missing; convert the model again")
+        fd = os.open(path, os.O_RDONLY)
+        self._fds[unit.file] = fd
+        size = os.fstat(fd).st_size
+        if size != unit.size:
+            raise PylominError(
+                f"unit file `{path}` has {size} bytes, the manifest says {unit.size}: it is truncated or was "
+                "replaced; convert the model again"
+            )
+        with os.fdopen(os.dup(fd), "rb") as f:
+            header = fmt.decode_header(path, f, size)
+        if header != unit.tensors:
+            raise PylominError(
+                f"unit file `{path}` does not hold the tensors the manifest lists for unit `{unit.name}` "
+                "(it was replaced or edited); convert the model again"
+            )
+        if size:
+            # Private (copy-on-write) mapping: an in-place op on a parameter never reaches the file.
+            self._maps[unit.file] = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+
+    def view(self, name: str) -> torch.Tensor:
+        """A zero-copy CPU tensor over the mapped bytes of the stored tensor `name`."""
+        unit, info = self._index[name]
+        dtype = info.torch_dtype
+        if info.length == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        flat = torch.frombuffer(self._maps[unit.file], dtype=dtype, count=info.length // dtype.itemsize, offset=info.offset)
+        return flat.view(info.shape)
+
+    def location(self, name: str) -> tuple[str, int, int]:
+        """(unit file, byte offset, byte length) of the stored tensor `name`."""
+        unit, info = self._index[name]
+        return unit.file, info.offset, info.length
+
+    def willneed(self, file: str, offset: int = 0, length: int | None = None) -> None:
+        """Ask the kernel to start reading a range of a unit file into the page cache."""
+        m = self._maps.get(file)
+        if m is None:
+            return
+        begin, end = _page_range(offset, len(m) - offset if length is None else length, len(m))
+        m.madvise(mmap.MADV_WILLNEED, begin, end - begin)
+
+    def done(self, file: str, offset: int, length: int) -> None:
+        """Unmap the pages of a range from this process, and drop them from the page cache unless kept warm.
+
+        The mapping is private and untouched, so a later access just reads the file again.
+        """
+        m = self._maps.get(file)
+        if m is None or length <= 0:
+            return
+        begin, end = _page_range(offset, length, len(m))
+        m.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+        if self.drop_page_cache:
+            os.posix_fadvise(self._fds[file], begin, end - begin, os.POSIX_FADV_DONTNEED)
+
+    def verify(self) -> None:
+        """Check every unit file against the checksum in the manifest (reads all bytes)."""
+        for unit in self.manifest.units:
+            crc = 0
+            with os.fdopen(os.dup(self._fds[unit.file]), "rb") as f:
+                f.seek(0)
+                while chunk := f.read(16 * 1024 * 1024):
+                    crc = zlib.crc32(chunk, crc)
+            if f"crc32:{crc:08x}" != unit.checksum:
+                raise PylominError(
+                    f"unit file `{self.folder / unit.file}` fails its checksum ({unit.checksum} expected, "
+                    f"crc32:{crc:08x} found): it is corrupt; convert the model again"
+                )
+
+    def close(self) -> None:
+        """Unmap and close every file; a mapping still viewed by a live tensor is left to the garbage collector."""
+        with self._lock:
+            for m in self._maps.values():
+                try:
+                    m.close()
+                except BufferError:
+                    logger.debug("a tensor still views a unit mapping; it closes when that tensor is freed")
+            self._maps.clear()
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _page_range(offset: int, length: int, limit: int) -> tuple[int, int]:
+    begin = offset // _PAGE * _PAGE
+    end = min(-(-(offset + length) // _PAGE) * _PAGE, limit)
+    return begin, end
+
+
+def verify(folder: str | os.PathLike[str]) -> fmt.Manifest:
+    """Check a converted folder completely: manifest, sizes, headers and checksums.
+
+    Raises:
+        PylominError: naming the first file that does not match.
+    """
+    manifest = fmt.read(folder)
+    with Store(folder, manifest) as store:
+        store.verify()
+    return manifest
