@@ -88,7 +88,7 @@ def open_checkpoint(src: str | os.PathLike[str]) -> Checkpoint:
     seen: dict[str, Path] = {}
     for path in weight_files:
         if path.suffix == ".safetensors":
-            tensors, aliases = _index_safetensors(path), {}
+            tensors, aliases = _index_safetensors(path), dict[str, str]()
         else:
             tensors, aliases = _index_torch(path)
         for t in tensors:

@@ -53,8 +53,10 @@ def _info(args: argparse.Namespace) -> int:
         dtypes = ",".join(sorted({t.dtype for t in u.tensors.values()}))
         print(f"{u.name or '(root)':<{width}}  {len(u.tensors):>7}  {u.nbytes / 2**20:>9.2f}  {dtypes}")
     largest = max(m.units, key=lambda u: u.nbytes)
-    print(f"{len(m.units)} units, {sum(len(u.tensors) for u in m.units)} tensors, {m.nbytes / 2**20:.1f} MiB; "
-          f"largest unit `{largest.name}` {largest.nbytes / 2**20:.1f} MiB; {len(m.aliases)} aliases")
+    print(
+        f"{len(m.units)} units, {sum(len(u.tensors) for u in m.units)} tensors, {m.nbytes / 2**20:.1f} MiB; "
+        f"largest unit `{largest.name}` {largest.nbytes / 2**20:.1f} MiB; {len(m.aliases)} aliases"
+    )
     for alias, target in m.aliases.items():
         print(f"alias {alias} -> {target}")
     return 0
@@ -102,8 +104,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
-    p = sub.add_parser("convert", help="shard a checkpoint into unit files", epilog=_CONVERT_EXAMPLE,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "convert",
+        help="shard a checkpoint into unit files",
+        epilog=_CONVERT_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_convert_args(p)
     p.set_defaults(func=_convert)
     p = sub.add_parser("info", help="list the units of a converted folder")

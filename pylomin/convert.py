@@ -10,7 +10,7 @@ import tempfile
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -147,17 +147,23 @@ def _write_units(
     for t in ckpt.tensors:
         by_unit[_unit_of(t.name, unit_of_module)].append(t)
     units: list[fmt.Unit] = []
-    handles: dict[Path, BinaryIO] = {}
+    handles: dict[Path, Any] = {}
     out_bytes = sum(_out_dtype(t, dtype).itemsize * (t.nbytes // t.dtype.itemsize) for t in ckpt.tensors)
     buf = memoryview(bytearray(CHUNK_BYTES))
     try:
-        with tqdm(total=out_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="convert", disable=not progress) as bar:
+        with tqdm(
+            total=out_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="convert", disable=not progress
+        ) as bar:
             for i, (uname, modules) in enumerate(plan.items()):
                 tensors = by_unit[uname]
                 # Larger items first (and 64-byte multiples before odd sizes) keeps every tensor aligned.
                 order = sorted(
                     range(len(tensors)),
-                    key=lambda k: (-_out_dtype(tensors[k], dtype).itemsize, _out_nbytes(tensors[k], dtype) % 64 != 0, k),
+                    key=lambda k: (
+                        -_out_dtype(tensors[k], dtype).itemsize,
+                        _out_nbytes(tensors[k], dtype) % 64 != 0,
+                        k,
+                    ),
                 )
                 tensors = [tensors[k] for k in order]
                 rel = f"{fmt.UNITS_DIR}/{i:04d}-{_safe(uname)}.safetensors"
@@ -184,7 +190,7 @@ def _write_unit(
     modules: list[str],
     tensors: list[SourceTensor],
     dtype: torch.dtype | None,
-    handles: dict[Path, BinaryIO],
+    handles: dict[Path, Any],
     buf: memoryview,
     bar: tqdm,
 ) -> fmt.Unit:
@@ -202,13 +208,11 @@ def _write_unit(
         out.flush()
         os.fsync(out.fileno())
         size = out.tell()
-    infos = {
-        name: fmt.TensorInfo(fmt.dtype_code(d), tuple(shape), offsets[name], n) for name, d, shape, n in entries
-    }
+    infos = {name: fmt.TensorInfo(fmt.dtype_code(d), tuple(shape), offsets[name], n) for name, d, shape, n in entries}
     return fmt.Unit(name=uname, file=rel, size=size, checksum=f"crc32:{crc:08x}", modules=modules, tensors=infos)
 
 
-def _chunks(t: SourceTensor, out_dtype: torch.dtype, handles: dict[Path, BinaryIO], buf: memoryview) -> Iterable[memoryview]:
+def _chunks(t: SourceTensor, out_dtype: torch.dtype, handles: dict[Path, Any], buf: memoryview) -> Iterable[memoryview]:
     """The bytes of `t` cast to `out_dtype`, at most CHUNK_BYTES of source at a time."""
     if t.nbytes == 0:
         return
@@ -226,13 +230,13 @@ def _chunks(t: SourceTensor, out_dtype: torch.dtype, handles: dict[Path, BinaryI
                 yield buf[:n]
             else:
                 piece = torch.frombuffer(buf[:n], dtype=t.dtype).to(out_dtype)
-                yield memoryview(piece.view(torch.uint8).numpy())
+                yield memoryview(piece.view(torch.uint8).numpy())  # type: ignore[arg-type]
         return
     flat = t.tensor.reshape(-1) if t.tensor.is_contiguous() else t.tensor.contiguous().reshape(-1)
     for start in range(0, numel, step):
         src = flat[start : start + step]
         piece = src.to(out_dtype) if out_dtype != t.dtype else src
-        yield memoryview(piece.view(torch.uint8).numpy())
+        yield memoryview(piece.view(torch.uint8).numpy())  # type: ignore[arg-type]
         if t.mapped:
             release_pages(src.data_ptr(), src.numel() * src.element_size())
 

@@ -89,7 +89,7 @@ class HookManager:
             tensor = tensor.to(device=self.device, dtype=self.dtype)
             # The copy is independent of the mapping: its pages are done already.
             self.store.done(*self.store.location(slot.stored_name))
-        param = nn.Parameter(tensor, requires_grad=False)
+        param = nn.Parameter(tensor, requires_grad=slot.placeholder.requires_grad)
         for module, attr in slot.owners:
             module._parameters[attr] = param
 

@@ -30,7 +30,7 @@ class Store:
         self.manifest = manifest
         self.drop_page_cache = drop_page_cache
         self._index = manifest.tensor_index()
-        self._fds: dict[str, int] = {}
+        self._paths: dict[str, Path] = {}
         self._maps: dict[str, mmap.mmap] = {}
         self._lock = threading.Lock()
         try:
@@ -44,24 +44,23 @@ class Store:
         path = fmt.resolve_inside(self.folder, unit.file)
         if not path.is_file():
             raise PylominError(f"unit file `{path}` of unit `{unit.name}` is missing; convert the model again")
-        fd = os.open(path, os.O_RDONLY)
-        self._fds[unit.file] = fd
-        size = os.fstat(fd).st_size
-        if size != unit.size:
-            raise PylominError(
-                f"unit file `{path}` has {size} bytes, the manifest says {unit.size}: it is truncated or was "
-                "replaced; convert the model again"
-            )
-        with os.fdopen(os.dup(fd), "rb") as f:
-            header = fmt.decode_header(path, f, size)
-        if header != unit.tensors:
-            raise PylominError(
-                f"unit file `{path}` does not hold the tensors the manifest lists for unit `{unit.name}` "
-                "(it was replaced or edited); convert the model again"
-            )
-        if size:
-            # Private (copy-on-write) mapping: an in-place op on a parameter never reaches the file.
-            self._maps[unit.file] = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+        self._paths[unit.file] = path
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != unit.size:
+                raise PylominError(
+                    f"unit file `{path}` has {size} bytes, the manifest says {unit.size}: it is truncated or was "
+                    "replaced; convert the model again"
+                )
+            if fmt.decode_header(path, f, size) != unit.tensors:
+                raise PylominError(
+                    f"unit file `{path}` does not hold the tensors the manifest lists for unit `{unit.name}` "
+                    "(it was replaced or edited); convert the model again"
+                )
+            if size:
+                # Private (copy-on-write) mapping: an in-place op on a parameter never reaches the file.
+                # The mapping keeps its own descriptor; ours is closed (one fd per unit, not two).
+                self._maps[unit.file] = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
 
     def view(self, name: str) -> torch.Tensor:
         """A zero-copy CPU tensor over the mapped bytes of the stored tensor `name`."""
@@ -69,7 +68,9 @@ class Store:
         dtype = info.torch_dtype
         if info.length == 0:
             return torch.empty(info.shape, dtype=dtype)
-        flat = torch.frombuffer(self._maps[unit.file], dtype=dtype, count=info.length // dtype.itemsize, offset=info.offset)
+        flat = torch.frombuffer(
+            self._maps[unit.file], dtype=dtype, count=info.length // dtype.itemsize, offset=info.offset
+        )
         return flat.view(info.shape)
 
     def location(self, name: str) -> tuple[str, int, int]:
@@ -96,14 +97,17 @@ class Store:
         begin, end = _page_range(offset, length, len(m))
         m.madvise(mmap.MADV_DONTNEED, begin, end - begin)
         if self.drop_page_cache:
-            os.posix_fadvise(self._fds[file], begin, end - begin, os.POSIX_FADV_DONTNEED)
+            fd = os.open(self._paths[file], os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, begin, end - begin, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
     def verify(self) -> None:
         """Check every unit file against the checksum in the manifest (reads all bytes)."""
         for unit in self.manifest.units:
             crc = 0
-            with os.fdopen(os.dup(self._fds[unit.file]), "rb") as f:
-                f.seek(0)
+            with open(self._paths[unit.file], "rb") as f:
                 while chunk := f.read(16 * 1024 * 1024):
                     crc = zlib.crc32(chunk, crc)
             if f"crc32:{crc:08x}" != unit.checksum:
@@ -121,9 +125,6 @@ class Store:
                 except BufferError:
                     logger.debug("a tensor still views a unit mapping; it closes when that tensor is freed")
             self._maps.clear()
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
 
     def __enter__(self) -> Store:
         return self

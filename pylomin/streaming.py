@@ -64,7 +64,9 @@ def load_streaming(
     """
     folder = Path(path)
     if not folder.exists():
-        raise FileNotFoundError(f"`{folder}` does not exist; convert a model first with `pylomin-convert MODEL {folder}`")
+        raise FileNotFoundError(
+            f"`{folder}` does not exist; convert a model first with `pylomin-convert MODEL {folder}`"
+        )
     device = torch.device(device)
     cast = fmt.parse_dtype(dtype) if isinstance(dtype, str) else dtype
     manifest = fmt.read(folder)
@@ -88,7 +90,6 @@ def load_streaming(
     model.__dict__["_pylomin_stream"] = _Stream(store, manager, base)
     model.__dict__["_pylomin_device"] = device
     weakref.finalize(model, store.close)
-    model.requires_grad_(False)
     return model.eval()
 
 
@@ -130,6 +131,12 @@ def _build(model_cls: Callable[..., nn.Module] | type, folder: Path, dtype: torc
                     "pass a zero-argument factory returning the model instead"
                 )
             config = AutoConfig.from_pretrained(folder)
+            expected = getattr(getattr(model_cls, "config_class", None), "model_type", "")
+            if expected and config.model_type != expected:
+                raise PylominError(
+                    f"`{folder / 'config.json'}` describes a `{config.model_type}` model, but `{model_cls.__name__}` "
+                    f"is a `{expected}` class; pass the class matching the checkpoint (or an Auto class)"
+                )
             build = getattr(model_cls, "_from_config", None) or model_cls.from_config  # type: ignore[union-attr]
             model = build(config, dtype=dtype) if dtype is not None else build(config)
             if hasattr(model, "tie_weights"):
@@ -156,14 +163,16 @@ def _params_on_meta() -> Iterator[None]:
             module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
     with _META_LOCK:
-        nn.Module.register_parameter = register  # type: ignore[method-assign]
+        nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
         try:
             yield
         finally:
             nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
-def _bind(model: nn.Module, manifest: fmt.Manifest, store: Store, dtype: torch.dtype | None) -> dict[nn.Module, list[Slot]]:
+def _bind(
+    model: nn.Module, manifest: fmt.Manifest, store: Store, dtype: torch.dtype | None
+) -> dict[nn.Module, list[Slot]]:
     """Match the model to the manifest strictly, put placeholders in, and return each hook target's slots."""
     index = manifest.tensor_index()
     modules = dict(model.named_modules(remove_duplicate=False))
@@ -197,7 +206,9 @@ def _bind(model: nn.Module, manifest: fmt.Manifest, store: Store, dtype: torch.d
             )
             continue
         load_dtype = dtype if dtype is not None and info.torch_dtype.is_floating_point else info.torch_dtype
-        placeholder = nn.Parameter(torch.empty(info.shape, dtype=load_dtype, device="meta"), requires_grad=False)
+        # requires_grad as built: matmul picks its kernel path by it, so it is part of bit-identity.
+        grad = p.requires_grad and load_dtype.is_floating_point
+        placeholder = nn.Parameter(torch.empty(info.shape, dtype=load_dtype, device="meta"), requires_grad=grad)
         slot = Slot(sources[0], placeholder)
         for n in names:
             owner, _, attr = n.rpartition(".")

@@ -1,0 +1,56 @@
+"""Fixtures: tiny models saved in Hugging Face format and converted once per test session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+import pylomin
+from tests import models
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """name -> a Hugging Face folder (model.safetensors + config) of that tiny model, saved once."""
+    cache: dict[str, Path] = {}
+
+    def make(name: str) -> Path:
+        if name not in cache:
+            torch.manual_seed(0)
+            folder = tmp_path_factory.mktemp(f"hf-{name}")
+            models.HF_MODELS[name]().save_pretrained(folder)
+            cache[name] = folder
+        return cache[name]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def converted(hf_dir: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """(name, **convert options) -> the converted folder, converted once per set of options."""
+    cache: dict[tuple[str, tuple[tuple[str, object], ...]], Path] = {}
+
+    def make(name: str, **options: object) -> Path:
+        key = (name, tuple(sorted(options.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"pl-{name}") / "out"
+            cache[key] = pylomin.convert(hf_dir(name), out, progress=False, **options)  # type: ignore[arg-type]
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture
+def open_fds() -> Callable[[], int]:
+    return lambda: len(os.listdir("/proc/self/fd"))

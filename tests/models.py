@@ -1,0 +1,88 @@
+"""Tiny random-weight models shared by the tests: real transformers architectures and a plain nn.Module."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from torch import nn
+
+transformers.logging.set_verbosity_error()
+VOCAB = 99
+
+
+def bert() -> transformers.BertModel:
+    cfg = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    return transformers.BertModel(cfg).eval()
+
+
+def gpt2() -> transformers.GPT2LMHeadModel:
+    cfg = transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=3,
+        n_head=2,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def llama() -> transformers.LlamaForCausalLM:
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+HF_MODELS = {"bert": bert, "gpt2": gpt2, "llama": llama}
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x + torch.relu(self.fc(x)))
+
+
+class Custom(nn.Module):
+    """Root-level parameter, a shared block called twice, a tied head and a non-persistent buffer."""
+
+    def __init__(self, dim: int = 16, vocab: int = VOCAB) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.scale = nn.Parameter(torch.randn(dim))
+        self.blocks = nn.ModuleList(Block(dim) for _ in range(3))
+        self.shared = Block(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embed.weight
+        self.register_buffer("offset", torch.linspace(-1, 1, dim), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids) * self.scale + self.offset  # x: [B, S, D]
+        for block in self.blocks:
+            x = self.shared(block(x))
+        return self.head(x)
+
+
+def ids(batch: int = 2, seq: int = 12, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, VOCAB, (batch, seq), generator=g)
