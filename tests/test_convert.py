@@ -26,7 +26,7 @@ def read_back(folder: Path) -> dict[str, torch.Tensor]:
     for unit in m.units:
         with safe_open(folder / unit.file, framework="pt") as f:
             assert set(f.keys()) == set(unit.tensors), unit.file
-            for name in f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 out[name] = f.get_tensor(name)
     for alias, target in m.aliases.items():
         out[alias] = out[target]
