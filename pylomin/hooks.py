@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from pylomin.prefetch import Prefetcher, Range
 from pylomin.store import Store
 
 
@@ -21,6 +22,7 @@ class Slot:
     placeholder: nn.Parameter  # on meta: what the owners hold while the parameter is released
     owners: list[tuple[nn.Module, str]] = field(default_factory=list)
     refs: int = 0
+    pinned: bool = False  # kept materialized for the model's lifetime (memory budget)
 
 
 class HookManager:
@@ -34,37 +36,92 @@ class HookManager:
     def __init__(
         self,
         store: Store,
+        root: nn.Module,
         targets: dict[nn.Module, list[Slot]],
         *,
         device: torch.device,
         dtype: torch.dtype | None,
+        prefetch_units: int = 2,
+        prefetch_bytes: int = 256 * 2**20,
+        memory_budget: int = 0,
     ):
         self.store = store
+        self.root = root
         self.targets = targets
         self.device = device
         self.dtype = dtype
         self._lock = threading.RLock()
         self._handles: list[RemovableHandle] = []
+        order = {m: i for i, m in enumerate(root.modules())}
+        self.order = sorted(targets, key=lambda m: order.get(m, len(order)))
+        self.ranges = {m: _merge([store.location(s.stored_name) for s in slots]) for m, slots in targets.items()}
+        self.pinned_bytes = self._pin(memory_budget)
+        # Embedding lookups read a few rows, not the table: never read a whole table ahead.
+        skip = {m for m, slots in targets.items() if isinstance(m, nn.Embedding) or all(s.pinned for s in slots)}
+        self.prefetcher = (
+            Prefetcher(store, self.ranges, self.order, max_units=prefetch_units, max_bytes=prefetch_bytes, skip=skip)
+            if prefetch_units > 0
+            else None
+        )
+
+    def _pin(self, budget: int) -> int:
+        """Keep the slots that fit in `budget` bytes materialized: tied and embedding slots first."""
+        if budget <= 0:
+            return 0
+        seen: dict[Slot, int] = {}
+        for module in self.order:
+            for slot in self.targets[module]:
+                seen[slot] = seen.get(slot, 0) + 1
+        lookups = {s for m in self.order if isinstance(m, nn.Embedding) for s in self.targets[m]}
+        ranked = sorted(seen, key=lambda s: (-seen[s], s not in lookups))  # stable: execution order after that
+        used = 0
+        for slot in ranked:
+            nbytes = self.store.location(slot.stored_name)[2]
+            if used + nbytes > budget:
+                continue
+            used += nbytes
+            slot.pinned = True
+            slot.refs += 1
+            self._materialize(slot)
+            if slot not in lookups:
+                self.store.prefetch(*self.store.location(slot.stored_name))
+        return used
 
     def attach(self) -> None:
-        """Register a forward-pre-hook and an always-called forward hook on every target module."""
+        """Register the hooks: pass boundaries on the root, page-in/out on every target module."""
+        if self.prefetcher is not None:
+            self._handles.append(self.root.register_forward_pre_hook(self._begin_pass))
+            self._handles.append(self.root.register_forward_hook(self._end_pass, always_call=True))
         for module in self.targets:
             self._handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._post, always_call=True))
 
     def detach(self) -> None:
-        """Remove the hooks and put every parameter back on meta."""
+        """Remove the hooks, stop the reader and put every parameter back on meta."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self.prefetcher is not None:
+            self.prefetcher.close()
         with self._lock:
             for slots in self.targets.values():
                 for slot in slots:
                     if slot.refs:
                         slot.refs = 0
+                        slot.pinned = False
                         self._release(slot)
 
+    def _begin_pass(self, module: nn.Module, args: Any) -> None:
+        assert self.prefetcher is not None
+        self.prefetcher.begin_pass()
+
+    def _end_pass(self, module: nn.Module, args: Any, output: Any) -> None:
+        assert self.prefetcher is not None
+        self.prefetcher.end_pass()
+
     def _pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.enter(module)  # may wait for this unit's read; outside the lock
         slots = self.targets[module]
         with self._lock:
             for slot in slots:
@@ -84,9 +141,9 @@ class HookManager:
 
     def _materialize(self, slot: Slot) -> None:
         tensor = self.store.view(slot.stored_name)
-        copied = self.device.type != "cpu" or (self.dtype is not None and tensor.dtype != self.dtype)
-        if copied:
-            tensor = tensor.to(device=self.device, dtype=self.dtype)
+        cast = self.dtype is not None and tensor.is_floating_point() and tensor.dtype != self.dtype
+        if self.device.type != "cpu" or cast:
+            tensor = tensor.to(device=self.device, dtype=self.dtype if cast else None)
             # The copy is independent of the mapping: its pages are done already.
             self.store.done(*self.store.location(slot.stored_name))
         param = nn.Parameter(tensor, requires_grad=slot.placeholder.requires_grad)
@@ -97,3 +154,15 @@ class HookManager:
         for module, attr in slot.owners:
             module._parameters[attr] = slot.placeholder
         self.store.done(*self.store.location(slot.stored_name))
+
+
+def _merge(ranges: list[Range]) -> list[Range]:
+    """Sort byte ranges and merge those that touch, per file: fewer, larger reads."""
+    out: list[Range] = []
+    for file, offset, length in sorted(ranges):
+        if out and out[-1][0] == file and out[-1][1] + out[-1][2] >= offset:
+            f, o, n = out[-1]
+            out[-1] = (f, o, max(n, offset + length - o))
+        else:
+            out.append((file, offset, length))
+    return out

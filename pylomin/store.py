@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import logging
 import mmap
 import os
@@ -16,6 +18,9 @@ from pylomin.errors import PylominError
 
 logger = logging.getLogger(__name__)
 _PAGE = mmap.PAGESIZE
+_MADV_POPULATE_READ = 22  # Linux >= 5.14: fault pages in and map them, without touching them from Python
+_libc = ctypes.CDLL(None, use_errno=True)  # ctypes calls release the GIL while they block on the disk
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
 class Store:
@@ -32,6 +37,8 @@ class Store:
         self._index = manifest.tensor_index()
         self._paths: dict[str, Path] = {}
         self._maps: dict[str, mmap.mmap] = {}
+        self._addrs: dict[str, int] = {}
+        self._populate_ok = True
         self._lock = threading.Lock()
         try:
             for unit in manifest.units:
@@ -60,7 +67,11 @@ class Store:
             if size:
                 # Private (copy-on-write) mapping: an in-place op on a parameter never reaches the file.
                 # The mapping keeps its own descriptor; ours is closed (one fd per unit, not two).
-                self._maps[unit.file] = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+                m = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+                self._maps[unit.file] = m
+                anchor = ctypes.c_char.from_buffer(m)
+                self._addrs[unit.file] = ctypes.addressof(anchor)
+                del anchor  # release the buffer export: the mapping stays closable
 
     def view(self, name: str) -> torch.Tensor:
         """A zero-copy CPU tensor over the mapped bytes of the stored tensor `name`."""
@@ -85,6 +96,42 @@ class Store:
             return
         begin, end = _page_range(offset, len(m) - offset if length is None else length, len(m))
         m.madvise(mmap.MADV_WILLNEED, begin, end - begin)
+
+    def prefetch(self, file: str, offset: int, length: int, *, method: str = "populate") -> None:
+        """Make a range of a unit file resident before it is used (called from the reader thread).
+
+        `populate` faults the pages in and maps them (MADV_POPULATE_READ), so the compute thread
+        takes no page faults; `willneed` only starts readahead; `read` reads the range with pread
+        into a scratch buffer, filling the page cache.
+        """
+        m = self._maps.get(file)
+        if m is None or length <= 0:
+            return
+        begin, end = _page_range(offset, length, len(m))
+        if method == "both":
+            m.madvise(mmap.MADV_WILLNEED, begin, end - begin)
+            method = "populate"
+        if method == "populate" and self._populate_ok:
+            if _libc.madvise(self._addrs[file] + begin, end - begin, _MADV_POPULATE_READ) == 0:
+                return
+            err = ctypes.get_errno()
+            if err != errno.EINVAL:  # EINVAL: kernel without MADV_POPULATE_READ; read instead
+                raise OSError(err, f"{os.strerror(err)} while reading `{self._paths[file]}`")
+            self._populate_ok = False
+        if method == "willneed":
+            m.madvise(mmap.MADV_WILLNEED, begin, end - begin)
+            return
+        fd = os.open(self._paths[file], os.O_RDONLY)
+        try:
+            buf = bytearray(min(end - begin, 8 * 2**20))
+            pos = begin
+            while pos < end:
+                n = os.preadv(fd, [memoryview(buf)[: min(len(buf), end - pos)]], pos)
+                if n <= 0:
+                    raise OSError(errno.EIO, f"`{self._paths[file]}` ends at byte {pos}, before {end}")
+                pos += n
+        finally:
+            os.close(fd)
 
     def done(self, file: str, offset: int, length: int) -> None:
         """Unmap the pages of a range from this process, and drop them from the page cache unless kept warm.
@@ -125,6 +172,7 @@ class Store:
                 except BufferError:
                     logger.debug("a tensor still views a unit mapping; it closes when that tensor is freed")
             self._maps.clear()
+            self._addrs.clear()
 
     def __enter__(self) -> Store:
         return self

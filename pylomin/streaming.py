@@ -40,6 +40,9 @@ def load_streaming(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
     drop_page_cache: bool = True,
+    prefetch: int = 2,
+    prefetch_bytes: int | str = "256MiB",
+    memory_budget: int | str | None = None,
 ) -> Any:
     """Build `model_cls` with its parameters on disk, paged in per unit as the model runs.
 
@@ -53,6 +56,12 @@ def load_streaming(
         drop_page_cache: after a unit runs, also drop its pages from the page cache, so the
             process leaves no warm copy behind; `False` keeps them cached for the next forward
             (faster when RAM allows).
+        prefetch: how many units a background reader makes resident ahead of the one running,
+            in the execution order recorded on the first forward; 0 turns prefetching off.
+        prefetch_bytes: at most this many bytes read ahead (`"512MiB"`, `"2GB"` or an int).
+        memory_budget: keep as many parameters resident for the model's lifetime as fit in this
+            many bytes (tied and embedding weights first, then in execution order); the rest
+            stream. A budget larger than the model behaves like the in-memory model.
 
     Returns:
         The model in eval mode, ready for inference; outputs equal the in-memory model's.
@@ -78,7 +87,16 @@ def load_streaming(
             for name, buf in module._buffers.items():
                 if buf is not None and buf.device != device:
                     module._buffers[name] = buf.to(device)
-        manager = HookManager(store, targets, device=device, dtype=cast)
+        manager = HookManager(
+            store,
+            model,
+            targets,
+            device=device,
+            dtype=cast,
+            prefetch_units=prefetch,
+            prefetch_bytes=parse_bytes(prefetch_bytes),
+            memory_budget=parse_bytes(memory_budget) if memory_budget is not None else 0,
+        )
         manager.attach()
     except BaseException:
         store.close()
@@ -89,7 +107,7 @@ def load_streaming(
         model.__class__ = _with_device(base)
     model.__dict__["_pylomin_stream"] = _Stream(store, manager, base)
     model.__dict__["_pylomin_device"] = device
-    weakref.finalize(model, store.close)
+    weakref.finalize(model, _close, manager, store)
     return model.eval()
 
 
@@ -107,6 +125,36 @@ def unload_(model: nn.Module) -> nn.Module:
     model.__class__ = stream.base_class
     model.__dict__.pop("_pylomin_device", None)
     return model
+
+
+def _close(manager: HookManager, store: Store) -> None:
+    if manager.prefetcher is not None:
+        manager.prefetcher.close()
+    store.close()
+
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_bytes(size: int | str) -> int:
+    """`"2GiB"`, `"512MB"`, `"1.5 GiB"` or an int -> bytes."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", size)
+    if m is None or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read {size!r} as a size; write e.g. '512MiB', '2GB' or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 def _stored_dtype(manifest: fmt.Manifest) -> torch.dtype | None:

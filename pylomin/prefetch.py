@@ -1,0 +1,163 @@
+"""The prefetch queue: a reader thread makes the next units resident while the current one computes."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from pylomin.errors import PylominError
+from pylomin.store import Store
+
+logger = logging.getLogger(__name__)
+
+Range = tuple[str, int, int]  # (unit file, byte offset, byte length)
+
+
+@dataclass(eq=False)
+class _Job:
+    target: object
+    ranges: list[Range]
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+class Prefetcher:
+    """Reads the units that come next, at most `max_units` units and `max_bytes` bytes ahead.
+
+    The order is the order targets were entered during the last forward of the root module that
+    ran alone (recorded again whenever it changes); before the first forward, `initial_order`.
+    A target entered while its read is still in flight waits for that read only; a failed read is
+    raised in the calling thread, before anything touches the pages.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        ranges: dict[object, list[Range]],
+        initial_order: list[object],
+        *,
+        max_units: int,
+        max_bytes: int,
+        skip: set[object] = frozenset(),  # type: ignore[assignment]
+        method: str = "populate",
+    ):
+        self.store = store
+        self.ranges = ranges
+        self.max_units = max_units
+        self.max_bytes = max_bytes
+        self.skip = set(skip)
+        self.method = method
+        self._nbytes = {t: sum(n for _, _, n in r) for t, r in ranges.items()}
+        self._set_order(list(initial_order))
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._pending: dict[object, _Job] = {}
+        self._passes = 0
+        self._recording: list[object] | None = None
+        self._seen: set[object] = set()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="pylomin-prefetch", daemon=True)
+        self._thread.start()
+
+    def _set_order(self, order: list[object]) -> None:
+        self.order = order
+        self._index = {t: i for i, t in enumerate(order)}
+
+    # --- called from the hooks (any thread) ---------------------------------------------------
+
+    def begin_pass(self) -> None:
+        """The root module starts a forward: start recording the order if it runs alone."""
+        with self._lock:
+            self._passes += 1
+            self._recording = [] if self._passes == 1 else None
+            self._seen = set()
+
+    def end_pass(self) -> None:
+        """The root module's forward ended: keep the recorded order if it changed."""
+        with self._lock:
+            self._passes -= 1
+            rec, self._recording = self._recording, None
+            if rec is not None and rec != self.order and self._passes == 0:
+                logger.debug("prefetch order recorded: %d targets", len(rec))
+                self._set_order(rec)
+
+    def enter(self, target: object) -> None:
+        """`target` is about to run: wait for its own read, then queue the reads of those that follow."""
+        with self._lock:
+            job = self._pending.pop(target, None)
+            if self._recording is not None and target not in self._seen:
+                self._seen.add(target)
+                self._recording.append(target)
+            self._schedule_after(target)
+        if job is not None:
+            job.done.wait()
+            if job.error is not None:
+                file = job.ranges[0][0] if job.ranges else "?"
+                raise PylominError(
+                    f"reading unit file `{self.store.folder / file}` failed ({job.error}); it may have been "
+                    "truncated or removed while the model was loaded: run `pylomin verify` on the folder"
+                ) from job.error
+
+    def _schedule_after(self, target: object) -> None:
+        i = self._index.get(target)
+        if i is None or self.max_units <= 0:
+            return
+        units, nbytes = 0, sum(self._nbytes.get(t, 0) for t in self._pending)
+        for step in range(1, len(self.order)):
+            nxt = self.order[(i + step) % len(self.order)]
+            if nxt in self.skip or nxt == target:
+                continue
+            units += 1
+            if units > self.max_units:
+                break
+            if nxt in self._pending:
+                continue
+            if nbytes + self._nbytes[nxt] > self.max_bytes:
+                break
+            nbytes += self._nbytes[nxt]
+            job = _Job(nxt, self.ranges[nxt])
+            self._pending[nxt] = job
+            self._queue.append(job)
+            self._wake.notify()
+
+    @property
+    def bytes_in_flight(self) -> int:
+        """Bytes of the units read ahead and not yet entered."""
+        with self._lock:
+            return sum(self._nbytes.get(t, 0) for t in self._pending)
+
+    # --- the reader thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._closed:
+                    self._wake.wait()
+                if self._closed:
+                    for job in self._queue:
+                        job.done.set()
+                    self._queue.clear()
+                    return
+                job = self._queue.popleft()
+            try:
+                for file, offset, length in job.ranges:
+                    self.store.prefetch(file, offset, length, method=self.method)
+            except BaseException as e:  # surfaced in the thread that enters the target
+                job.error = e
+            finally:
+                job.done.set()
+
+    def close(self) -> None:
+        """Stop the reader thread and wait for it."""
+        with self._lock:
+            self._closed = True
+            self._wake.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+        with self._lock:
+            for job in self._pending.values():
+                job.done.set()
+            self._pending.clear()
