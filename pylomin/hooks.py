@@ -52,17 +52,24 @@ class HookManager:
         self.dtype = dtype
         self._lock = threading.RLock()
         self._handles: list[RemovableHandle] = []
-        order = {m: i for i, m in enumerate(root.modules())}
-        self.order = sorted(targets, key=lambda m: order.get(m, len(order)))
+        position = {m: i for i, m in enumerate(root.modules())}
+        self.order = sorted(targets, key=lambda m: position.get(m, len(position)))
         self.ranges = {m: _merge([store.location(s.stored_name) for s in slots]) for m, slots in targets.items()}
         self.pinned_bytes = self._pin(memory_budget)
+        # The reader knows targets by index only: a module reference would keep the model alive
+        # through its hooks for as long as the thread runs.
+        self.index = {m: i for i, m in enumerate(self.order)}
         # Embedding lookups read a few rows, not the table: never read a whole table ahead.
-        skip = {m for m, slots in targets.items() if isinstance(m, nn.Embedding) or all(s.pinned for s in slots)}
-        self.prefetcher = (
-            Prefetcher(store, self.ranges, self.order, max_units=prefetch_units, max_bytes=prefetch_bytes, skip=skip)
-            if prefetch_units > 0
-            else None
-        )
+        skip = {
+            self.index[m] for m, slots in targets.items() if isinstance(m, nn.Embedding) or all(s.pinned for s in slots)
+        }
+        self.prefetcher: Prefetcher[int] | None = None
+        if prefetch_units > 0:
+            ranges = {self.index[m]: r for m, r in self.ranges.items()}
+            first = list(range(len(self.order)))  # module definition order, until a forward is recorded
+            self.prefetcher = Prefetcher(
+                store, ranges, first, max_units=prefetch_units, max_bytes=prefetch_bytes, skip=skip
+            )
 
     def _pin(self, budget: int) -> int:
         """Keep the slots that fit in `budget` bytes materialized: tied and embedding slots first."""
@@ -121,7 +128,7 @@ class HookManager:
 
     def _pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         if self.prefetcher is not None:
-            self.prefetcher.enter(module)  # may wait for this unit's read; outside the lock
+            self.prefetcher.enter(self.index[module])  # may wait for this unit's read; outside the lock
         slots = self.targets[module]
         with self._lock:
             for slot in slots:

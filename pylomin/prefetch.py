@@ -5,7 +5,9 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from pylomin.errors import PylominError
 from pylomin.store import Store
@@ -13,6 +15,7 @@ from pylomin.store import Store
 logger = logging.getLogger(__name__)
 
 Range = tuple[str, int, int]  # (unit file, byte offset, byte length)
+T = TypeVar("T", bound=Hashable)  # a prefetch target: the hooked module
 
 
 @dataclass(eq=False)
@@ -23,7 +26,7 @@ class _Job:
     error: BaseException | None = None
 
 
-class Prefetcher:
+class Prefetcher(Generic[T]):
     """Reads the units that come next, at most `max_units` units and `max_bytes` bytes ahead.
 
     The order is the order targets were entered during the last forward of the root module that
@@ -35,34 +38,34 @@ class Prefetcher:
     def __init__(
         self,
         store: Store,
-        ranges: dict[object, list[Range]],
-        initial_order: list[object],
+        ranges: dict[T, list[Range]],
+        initial_order: list[T],
         *,
         max_units: int,
         max_bytes: int,
-        skip: set[object] = frozenset(),  # type: ignore[assignment]
+        skip: set[T] | None = None,
         method: str = "populate",
     ):
         self.store = store
         self.ranges = ranges
         self.max_units = max_units
         self.max_bytes = max_bytes
-        self.skip = set(skip)
+        self.skip = set(skip or ())
         self.method = method
         self._nbytes = {t: sum(n for _, _, n in r) for t, r in ranges.items()}
         self._set_order(list(initial_order))
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._queue: collections.deque[_Job] = collections.deque()
-        self._pending: dict[object, _Job] = {}
+        self._pending: dict[T, _Job] = {}
         self._passes = 0
-        self._recording: list[object] | None = None
-        self._seen: set[object] = set()
+        self._recording: list[T] | None = None
+        self._seen: set[T] = set()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="pylomin-prefetch", daemon=True)
         self._thread.start()
 
-    def _set_order(self, order: list[object]) -> None:
+    def _set_order(self, order: list[T]) -> None:
         self.order = order
         self._index = {t: i for i, t in enumerate(order)}
 
@@ -84,7 +87,7 @@ class Prefetcher:
                 logger.debug("prefetch order recorded: %d targets", len(rec))
                 self._set_order(rec)
 
-    def enter(self, target: object) -> None:
+    def enter(self, target: T) -> None:
         """`target` is about to run: wait for its own read, then queue the reads of those that follow."""
         with self._lock:
             job = self._pending.pop(target, None)
@@ -101,7 +104,7 @@ class Prefetcher:
                     "truncated or removed while the model was loaded: run `pylomin verify` on the folder"
                 ) from job.error
 
-    def _schedule_after(self, target: object) -> None:
+    def _schedule_after(self, target: T) -> None:
         i = self._index.get(target)
         if i is None or self.max_units <= 0:
             return

@@ -20,6 +20,7 @@ from torch import nn
 from pylomin import manifest as fmt
 from pylomin.errors import PylominError
 from pylomin.hooks import HookManager, Slot
+from pylomin.prefetch import Prefetcher
 from pylomin.store import Store
 
 logger = logging.getLogger(__name__)
@@ -107,7 +108,8 @@ def load_streaming(
         model.__class__ = _with_device(base)
     model.__dict__["_pylomin_stream"] = _Stream(store, manager, base)
     model.__dict__["_pylomin_device"] = device
-    weakref.finalize(model, _close, manager, store)
+    # Only what does not reference the model: the finalizer must not keep it alive.
+    weakref.finalize(model, _close, manager.prefetcher, store)
     return model.eval()
 
 
@@ -127,9 +129,9 @@ def unload_(model: nn.Module) -> nn.Module:
     return model
 
 
-def _close(manager: HookManager, store: Store) -> None:
-    if manager.prefetcher is not None:
-        manager.prefetcher.close()
+def _close(prefetcher: Prefetcher[int] | None, store: Store) -> None:
+    if prefetcher is not None:
+        prefetcher.close()
     store.close()
 
 
