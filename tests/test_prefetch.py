@@ -75,10 +75,13 @@ def test_bytes_and_units_in_flight_are_bounded(tmp_path: Path) -> None:
     for units, nbytes, bound in [(3, 10 * MiB, 3 * unit), (8, 2 * unit + 100, 2 * unit), (1, 10 * MiB, unit)]:
         model = pylomin.load_streaming(folder, factory, prefetch=units, prefetch_bytes=nbytes)
         seen: list[tuple[int, int]] = []
+        reader = prefetcher(model)
+
+        def record(*_: object, reader=reader, seen=seen) -> None:
+            seen.append((reader.bytes_in_flight, len(reader._pending)))
+
         for m in model:  # runs after pylomin's pre-hook, while the unit is materialized
-            m.register_forward_pre_hook(
-                lambda *_, p=prefetcher(model): seen.append((p.bytes_in_flight, len(p._pending)))
-            )
+            m.register_forward_pre_hook(record)
         with torch.no_grad():
             for _ in range(3):
                 assert torch.equal(model(torch.ones(2, 256)), ref(torch.ones(2, 256)))
