@@ -52,6 +52,8 @@ class HookManager:
         self.dtype = dtype
         self._lock = threading.RLock()
         self._handles: list[RemovableHandle] = []
+        self._staged: dict[Slot, tuple[torch.Tensor, Any]] = {}  # CUDA: copied ahead, with its event
+        self._staging: _PinnedRing | None = None
         position = {m: i for i, m in enumerate(root.modules())}
         self.order = sorted(targets, key=lambda m: position.get(m, len(position)))
         self.ranges = {m: _merge([store.location(s.stored_name) for s in slots]) for m, slots in targets.items()}
@@ -63,12 +65,19 @@ class HookManager:
         skip = {
             self.index[m] for m, slots in targets.items() if isinstance(m, nn.Embedding) or all(s.pinned for s in slots)
         }
+        self._streamed = [s for i, m in enumerate(self.order) if i not in skip for s in targets[m] if not s.pinned]
         self.prefetcher: Prefetcher[int] | None = None
         if prefetch_units > 0:
             ranges = {self.index[m]: r for m, r in self.ranges.items()}
             first = list(range(len(self.order)))  # module definition order, until a forward is recorded
             self.prefetcher = Prefetcher(
-                store, ranges, first, max_units=prefetch_units, max_bytes=prefetch_bytes, skip=skip
+                store,
+                ranges,
+                first,
+                max_units=prefetch_units,
+                max_bytes=prefetch_bytes,
+                skip=skip,
+                stage=self._stage if device.type == "cuda" else None,
             )
 
     def _pin(self, budget: int) -> int:
@@ -146,13 +155,39 @@ class HookManager:
                 if slot.refs == 0:
                     self._release(slot)
 
+    def _stage(self, target: int) -> None:
+        """Reader thread, CUDA: copy a unit's parameters to the device through pinned buffers, on a copy stream."""
+        if self._staging is None:
+            self._staging = _PinnedRing(self.device, max(self.store.location(s.stored_name)[2] for s in self._streamed))
+        ring = self._staging
+        for slot in self.targets[self.order[target]]:
+            if slot.pinned or slot in self._staged:
+                continue
+            src = self.store.view(slot.stored_name)
+            with torch.cuda.stream(ring.stream):
+                dev, event = ring.copy(src, self.dtype if src.is_floating_point() else None)
+            self.store.done(*self.store.location(slot.stored_name))  # in pinned memory now
+            with self._lock:
+                self._staged[slot] = (dev, event)
+
     def _materialize(self, slot: Slot) -> None:
+        staged = self._staged.pop(slot, None)
+        if staged is not None:
+            tensor, event = staged
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(event)  # compute waits for this copy only
+            tensor.record_stream(stream)  # allocated on the copy stream, used on this one
+            self._set(slot, tensor)
+            return
         tensor = self.store.view(slot.stored_name)
         cast = self.dtype is not None and tensor.is_floating_point() and tensor.dtype != self.dtype
         if self.device.type != "cpu" or cast:
             tensor = tensor.to(device=self.device, dtype=self.dtype if cast else None)
             # The copy is independent of the mapping: its pages are done already.
             self.store.done(*self.store.location(slot.stored_name))
+        self._set(slot, tensor)
+
+    def _set(self, slot: Slot, tensor: torch.Tensor) -> None:
         param = nn.Parameter(tensor, requires_grad=slot.placeholder.requires_grad)
         for module, attr in slot.owners:
             module._parameters[attr] = param
@@ -161,6 +196,32 @@ class HookManager:
         for module, attr in slot.owners:
             module._parameters[attr] = slot.placeholder
         self.store.done(*self.store.location(slot.stored_name))
+
+
+class _PinnedRing:
+    """Reusable pinned host buffers for host-to-device copies; a buffer is reused once its copy is done."""
+
+    def __init__(self, device: torch.device, nbytes: int, count: int = 2):
+        self.stream = torch.cuda.Stream(device)
+        self.buffers = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(count)]
+        self.events: list[Any] = [None] * count
+        self.device = device
+        self.next = 0
+
+    def copy(self, src: torch.Tensor, dtype: torch.dtype | None) -> tuple[torch.Tensor, Any]:
+        i = self.next
+        self.next = (i + 1) % len(self.buffers)
+        if self.events[i] is not None:
+            self.events[i].synchronize()  # the previous copy out of this buffer has finished
+        host = self.buffers[i][: src.numel() * src.element_size()].view(src.dtype).view(src.shape)
+        host.copy_(src)  # page-cache pages -> pinned memory, on this (reader) thread
+        dev = host.to(self.device, non_blocking=True)
+        if dtype is not None and dev.dtype != dtype:
+            dev = dev.to(dtype)
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        self.events[i] = event
+        return dev, event
 
 
 def _merge(ranges: list[Range]) -> list[Range]:

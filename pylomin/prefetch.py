@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -45,9 +45,11 @@ class Prefetcher(Generic[T]):
         max_bytes: int,
         skip: set[T] | None = None,
         method: str = "populate",
+        stage: Callable[[T], None] | None = None,
     ):
         self.store = store
         self.ranges = ranges
+        self.stage = stage  # after the pages are in: e.g. copy the unit to the GPU
         self.max_units = max_units
         self.max_bytes = max_bytes
         self.skip = set(skip or ())
@@ -148,6 +150,8 @@ class Prefetcher(Generic[T]):
             try:
                 for file, offset, length in job.ranges:
                     self.store.prefetch(file, offset, length, method=self.method)
+                if self.stage is not None:
+                    self.stage(job.target)  # type: ignore[arg-type]
             except BaseException as e:  # surfaced in the thread that enters the target
                 job.error = e
             finally:
