@@ -157,19 +157,23 @@ def _index_torch(path: Path) -> tuple[list[SourceTensor], dict[str, str]]:
             raise PylominError(f"`{path}` cannot be read as a torch checkpoint ({type(e2).__name__}: {e2})") from None
     except Exception as e:  # zip errors, EOF: the file is corrupt
         raise PylominError(f"`{path}` cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from None
-    state = _as_state_dict(obj, path)
-    tensors: list[SourceTensor] = []
-    aliases: dict[str, str] = {}
+    ckpt = from_tensors(_as_state_dict(obj, path), path, mapped=mapped)
+    return ckpt.tensors, ckpt.aliases
+
+
+def from_tensors(state: dict[str, torch.Tensor], origin: Path, *, mapped: bool = False) -> Checkpoint:
+    """A checkpoint over tensors already in memory (or mapped by torch.load); shared views become aliases."""
+    ckpt = Checkpoint(tensors=[])
     first_view: dict[tuple[object, ...], str] = {}
     for name, t in state.items():
         # Two names for the same view of the same storage are one tensor (tied weights).
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
         if t.numel() and key in first_view:
-            aliases[name] = first_view[key]
+            ckpt.aliases[name] = first_view[key]
             continue
         first_view[key] = name
-        tensors.append(SourceTensor(name, t.dtype, tuple(t.shape), path, tensor=t, mapped=mapped))
-    return tensors, aliases
+        ckpt.tensors.append(SourceTensor(name, t.dtype, tuple(t.shape), origin, tensor=t, mapped=mapped))
+    return ckpt
 
 
 def _unsafe_pickle_error(path: Path, e: Exception) -> PylominError:

@@ -67,22 +67,36 @@ def convert(
     if out_dtype is not None and not out_dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point dtype, got `{out_dtype}`")
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"`{out}` exists and is not empty; pass --overwrite (overwrite=True) to replace it")
+    _check_out(out, overwrite)
     ckpt = open_checkpoint(src)
     if not ckpt.tensors:
         raise ValueError(f"`{src}` holds no tensors")
     plan = plan_units([t.name for t in ckpt.tensors], unit=unit, blocks_per_unit=blocks_per_unit)
+    source = {
+        "path": str(Path(src).resolve()),
+        "files": [{"name": f.name, "size": f.stat().st_size} for f in ckpt.weight_files],
+    }
+    write_folder(ckpt, plan, out, dtype=out_dtype, progress=progress, source=source)
+    return out
+
+
+def write_folder(
+    ckpt: Checkpoint,
+    plan: dict[str, list[str]],
+    out: Path,
+    *,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+    source: dict[str, object] | None = None,
+) -> fmt.Manifest:
+    """Write `ckpt` as the units of `plan` into `out`, atomically (built beside it, renamed last)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{_TMP_MARK}{os.getpid()}-", dir=out.parent))
     try:
-        m = _write_units(ckpt, plan, tmp, out_dtype, progress)
-        m.source = {
-            "path": str(Path(src).resolve()),
-            "files": [{"name": f.name, "size": f.stat().st_size} for f in ckpt.weight_files],
-        }
-        m.dtype = str(out_dtype).removeprefix("torch.") if out_dtype else None
+        m = _write_units(ckpt, plan, tmp, dtype, progress)
+        m.source = dict(source or {})
+        m.dtype = str(dtype).removeprefix("torch.") if dtype else None
         for f in ckpt.extra_files:
             shutil.copyfile(f, tmp / f.name)
             m.extra_files.append(f.name)
@@ -93,8 +107,13 @@ def convert(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("converted `%s` -> `%s`: %d units, %.1f MiB", src, out, len(m.units), m.nbytes / 2**20)
-    return out
+    logger.info("wrote `%s`: %d units, %.1f MiB", out, len(m.units), m.nbytes / 2**20)
+    return m
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"`{out}` exists and is not empty; pass --overwrite (overwrite=True) to replace it")
 
 
 def plan_units(names: Iterable[str], *, unit: Granularity = "block", blocks_per_unit: int = 1) -> dict[str, list[str]]:

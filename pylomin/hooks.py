@@ -112,8 +112,8 @@ class HookManager:
             self._handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._post, always_call=True))
 
-    def detach(self) -> None:
-        """Remove the hooks, stop the reader and put every parameter back on meta."""
+    def detach(self, *, restore: bool = False) -> None:
+        """Remove the hooks, stop the reader, and put every parameter back on meta (or in memory: `restore`)."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -126,6 +126,8 @@ class HookManager:
                         slot.refs = 0
                         slot.pinned = False
                         self._release(slot)
+                    if restore:
+                        self._set(slot, self.store.view(slot.stored_name).to(self.device, self.dtype, copy=True))
 
     def _begin_pass(self, module: nn.Module, args: Any) -> None:
         assert self.prefetcher is not None

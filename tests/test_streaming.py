@@ -147,7 +147,7 @@ def test_unload_removes_hooks_and_closes_files(converted, open_fds) -> None:
     assert open_fds() == before
     assert type(model) is transformers.GPT2LMHeadModel
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
-    with pytest.raises(ValueError, match="not a streamed model"):
+    with pytest.raises(ValueError, match="not a pylomin model"):
         pylomin.unload_(model)
 
 
