@@ -8,7 +8,7 @@ import re
 import shutil
 import tempfile
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -87,7 +87,7 @@ def write_folder(
     *,
     dtype: torch.dtype | None = None,
     progress: bool = True,
-    source: dict[str, object] | None = None,
+    source: Mapping[str, object] | None = None,
 ) -> fmt.Manifest:
     """Write `ckpt` as the units of `plan` into `out`, atomically (built beside it, renamed last)."""
     out.parent.mkdir(parents=True, exist_ok=True)
