@@ -110,3 +110,19 @@ class PeakRss:
 
     def __repr__(self) -> str:
         return f"PeakRss(total={self.total / 2**20:.1f} MiB, anon={self.anon / 2**20:.1f} MiB, file={self.file / 2**20:.1f} MiB)"
+
+
+def release_freed_memory_eagerly(threshold: int = 2**20) -> bool:
+    """Have glibc serve allocations of `threshold` bytes or more with mmap, so freeing them returns memory.
+
+    glibc otherwise raises its mmap threshold as large blocks are freed (up to 32 MiB) and keeps
+    freed activation buffers in per-thread arenas, which blurs any memory figure. Same as setting
+    `MALLOC_MMAP_THRESHOLD_` before start; returns False where glibc's `mallopt` is unavailable.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False

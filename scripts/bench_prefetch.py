@@ -236,7 +236,8 @@ def part_a(src: Path, runs: int) -> None:
         "\nratio: warm = latency / in-memory latency; cold = latency / max(in-memory latency, I/O floor).\n"
         "peak RSS per forward: max over the timed forwards of the peak above the RSS before the forward.\n"
         "bound: prefetch=0 -> 2 largest streamed units; prefetch=2 -> min(prefetch_bytes, 2 largest streamed "
-        "units) + 1 largest (the word embeddings are never read ahead, so not counted)."
+        "units) + 1 largest (the word embeddings are never read ahead, so not counted); parameters only: "
+        "activations come on top (the in-memory row's peak)."
     )
 
 

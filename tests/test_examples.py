@@ -16,3 +16,10 @@ def test_example_runs(script: str) -> None:
     res = subprocess.run([sys.executable, str(EXAMPLES / script)], capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr
     assert "identical: True" in res.stdout, res.stdout
+
+
+def test_original_api_example_runs_small() -> None:
+    cmd = [sys.executable, str(EXAMPLES / "original_api_bert.py"), "--small"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr
+    assert "| NO |" not in res.stdout and res.stdout.count("| yes |") == 3, res.stdout
