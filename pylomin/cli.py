@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from pylomin import hub
 from pylomin import manifest as fmt
 from pylomin.convert import convert
 from pylomin.errors import PylominError
@@ -20,12 +21,13 @@ _CONVERT_EXAMPLE = """example:
 
 
 def _add_convert_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="a Hugging Face model folder, or a .safetensors / .bin / .pt state dict")
+    p.add_argument("src", help="a Hugging Face model folder, a .safetensors / .bin / .pt state dict, or a Hub repo id")
     p.add_argument("out_dir", help="the folder to write (built beside it, renamed into place at the end)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast floating-point tensors")
     p.add_argument("--unit", choices=["block", "leaf"], default="block", help="unit granularity (default: block)")
     p.add_argument("--blocks-per-unit", type=int, default=1, metavar="N", help="blocks per unit file (default: 1)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    p.add_argument("--revision", help="with a Hub repo id: branch, tag or commit (default: main)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -38,6 +40,7 @@ def _convert(args: argparse.Namespace) -> int:
         blocks_per_unit=args.blocks_per_unit,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        revision=args.revision,
     )
     m = fmt.read(out)
     if not args.quiet:
@@ -65,6 +68,21 @@ def _info(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     m = verify(args.folder)
     print(f"{args.folder}: OK ({len(m.units)} unit files, {m.nbytes / 2**20:.1f} MiB checked)")
+    return 0
+
+
+def _cache_ls(args: argparse.Namespace) -> int:
+    rows = hub.list_cache(args.cache_dir)
+    print(f"pylomin cache: {hub.cache_root(args.cache_dir)}")
+    for repo_id, commit, size in rows:
+        print(f"{repo_id}  {commit}  {size / 2**20:.1f} MiB")
+    print(f"{len(rows)} converted models, {sum(r[2] for r in rows) / 2**20:.1f} MiB")
+    return 0
+
+
+def _cache_rm(args: argparse.Namespace) -> int:
+    freed = hub.remove_from_cache(args.repo_id, args.cache_dir)
+    print(f"removed {args.repo_id}: {freed / 2**20:.1f} MiB freed")
     return 0
 
 
@@ -100,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="pylomin",
         description="Run PyTorch models whose weights do not fit in memory.",
-        epilog="example:\n  pylomin convert ./gpt2 ./gpt2-pylomin\n  pylomin info ./gpt2-pylomin\n  pylomin verify ./gpt2-pylomin\n",
+        epilog="example:\n  pylomin convert ./gpt2 ./gpt2-pylomin\n  pylomin info ./gpt2-pylomin\n  pylomin verify ./gpt2-pylomin\n"
+        "  pylomin cache ls\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
@@ -118,6 +137,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("verify", help="check sizes, headers and checksums of a converted folder")
     p.add_argument("folder")
     p.set_defaults(func=_verify)
+    cache = sub.add_parser("cache", help="the cache of models converted from Hub repo ids").add_subparsers(
+        required=True, metavar="ACTION"
+    )
+    for name, func, helptext in (("ls", _cache_ls, "list converted models"), ("rm", _cache_rm, "remove a model")):
+        p = cache.add_parser(name, help=helptext)
+        if name == "rm":
+            p.add_argument("repo_id")
+        p.add_argument("--cache-dir", help="default: $PYLOMIN_CACHE, else ~/.cache/pylomin")
+        p.set_defaults(func=func)
     return _run(parser, argv)
 
 

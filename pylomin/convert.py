@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from pylomin import hub
 from pylomin import manifest as fmt
 from pylomin.checkpoint import Checkpoint, SourceTensor, open_checkpoint, release_pages
 from pylomin.errors import PylominError
@@ -36,6 +37,7 @@ def convert(
     blocks_per_unit: int = 1,
     overwrite: bool = False,
     progress: bool = True,
+    revision: str | None = None,
 ) -> Path:
     """Shard a checkpoint into one safetensors file per unit plus a `pylomin.json` manifest.
 
@@ -44,7 +46,8 @@ def convert(
     is always complete.
 
     Args:
-        src: a Hugging Face model folder, or a single `.safetensors`, `.bin` or `.pt` state dict.
+        src: a Hugging Face model folder, a single `.safetensors`, `.bin` or `.pt` state dict, or a
+            Hub repo id (`org/name`: config, tokenizer and one weight format are downloaded).
         out_dir: the folder to create.
         dtype: cast floating-point tensors to this dtype (integer and bool tensors are kept).
         unit: `"block"` (one unit per block of a numbered container, e.g. `encoder.layer.7`, other
@@ -52,6 +55,7 @@ def convert(
         blocks_per_unit: with `unit="block"`, put this many consecutive blocks in one unit file.
         overwrite: replace a non-empty `out_dir`.
         progress: show a progress bar in bytes.
+        revision: with a repo id, the branch, tag or commit (default `main`).
 
     Returns:
         The path of the converted folder.
@@ -68,14 +72,17 @@ def convert(
         raise ValueError(f"dtype must be a floating-point dtype, got `{out_dtype}`")
     out = Path(out_dir)
     _check_out(out, overwrite)
+    source: dict[str, object] = {}
+    if hub.is_repo_id(src):
+        repo_id = os.fspath(src)
+        src = hub.snapshot(repo_id, revision)
+        source = {"repo_id": repo_id, "revision": revision or "main", "commit": Path(src).name}
     ckpt = open_checkpoint(src)
     if not ckpt.tensors:
         raise ValueError(f"`{src}` holds no tensors")
     plan = plan_units([t.name for t in ckpt.tensors], unit=unit, blocks_per_unit=blocks_per_unit)
-    source = {
-        "path": str(Path(src).resolve()),
-        "files": [{"name": f.name, "size": f.stat().st_size} for f in ckpt.weight_files],
-    }
+    source["path"] = str(Path(src).resolve())
+    source["files"] = [{"name": f.name, "size": f.stat().st_size} for f in ckpt.weight_files]
     write_folder(ckpt, plan, out, dtype=out_dtype, progress=progress, source=source)
     return out
 

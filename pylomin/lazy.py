@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import tempfile
@@ -87,7 +86,6 @@ def lazy_loading(
             shutil.rmtree(folder.parent, ignore_errors=True)
         raise
     del ckpt  # the last references to the in-memory parameters go with it
-    _trim_heap()
     attach_(
         model,
         folder,
@@ -101,15 +99,6 @@ def lazy_loading(
         drop_page_cache=drop_page_cache,
     )
     return model
-
-
-def _trim_heap() -> None:
-    # Once, after the spill (never per unit): small freed parameters leave holes in glibc's heap
-    # that it keeps until asked; give those pages back too.
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _name(ref: ModuleRef, model: nn.Module, names: dict[nn.Module, str]) -> str:

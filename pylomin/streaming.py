@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pylomin import hub
 from pylomin import manifest as fmt
 from pylomin.build import bind, build_on_meta, stored_dtype
 from pylomin.hooks import HookManager
@@ -44,11 +45,14 @@ def load_streaming(
     prefetch: int = 2,
     prefetch_bytes: int | str = "256MiB",
     memory_budget: int | str | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> Any:
     """Build `model_cls` with its parameters on disk, paged in per unit as the model runs.
 
     Args:
-        path: a folder written by `pylomin.convert` / `pylomin-convert`.
+        path: a folder written by `pylomin.convert` / `pylomin-convert`, or a Hub repo id
+            (`org/name`), converted on first use into pylomin's cache and reused afterwards.
         model_cls: a transformers model class (`BertModel`, `AutoModelForCausalLM`, ...), built
             from the folder's `config.json`; or any zero-argument callable returning the `nn.Module`.
         device: `"cpu"` (parameters are zero-copy views of the mapped files) or a CUDA device
@@ -63,6 +67,9 @@ def load_streaming(
         memory_budget: keep as many parameters resident for the model's lifetime as fit in this
             many bytes (tied and embedding weights first, then in execution order); the rest
             stream. A budget larger than the model behaves like the in-memory model.
+        revision: with a repo id, the branch, tag or commit (default `main`).
+        cache_dir: with a repo id, where converted models are kept (default `$PYLOMIN_CACHE`,
+            else `~/.cache/pylomin`).
 
     Returns:
         The model in eval mode, ready for inference; outputs equal the in-memory model's.
@@ -73,7 +80,9 @@ def load_streaming(
         ...     out = model(input_ids)
     """
     folder = Path(path)
-    if not folder.exists():
+    if hub.is_repo_id(path):
+        folder = hub.converted(os.fspath(path), revision, cache_dir=cache_dir)
+    elif not folder.exists():
         raise FileNotFoundError(
             f"`{folder}` does not exist; convert a model first with `pylomin-convert MODEL {folder}`"
         )

@@ -1,0 +1,159 @@
+"""Repo ids resolved from a Hugging Face cache built in tmp_path, offline; the converted-model cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def hf_cache(hub: Path, repo_id: str, files: Path, *, commit: str = COMMIT, bin_only: bool = False) -> None:
+    """Lay out `models--org--name/{refs/main, snapshots/<commit>/...}` as huggingface_hub does."""
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for f in files.iterdir():
+        if bin_only and f.suffix == ".safetensors":
+            continue
+        shutil.copy(f, snap / f.name)
+
+
+def run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run `code` in a fresh interpreter: huggingface_hub reads HF_HUB_* when it is imported."""
+    full = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full, timeout=240
+    )
+
+
+@pytest.fixture
+def env(tmp_path: Path, hf_dir) -> dict[str, str]:
+    hub = tmp_path / "hf"
+    hf_cache(hub, "org/tiny-bert", hf_dir("bert"))
+    import torch
+
+    from tests import models
+
+    torch.manual_seed(0)
+    bin_src = tmp_path / "bin-src"
+    models.gpt2().save_pretrained(bin_src)
+    from safetensors.torch import load_file
+
+    state = load_file(bin_src / "model.safetensors")
+    torch.save(state, bin_src / "pytorch_model.bin")
+    hf_cache(hub, "org/tiny-gpt2-bin", bin_src, bin_only=True)
+    return {"HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1", "PYLOMIN_CACHE": str(tmp_path / "pl-cache")}
+
+
+LOAD_AND_COMPARE = """
+    import logging, torch, transformers, pylomin
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    from tests import models
+    repo, cls = "{repo}", getattr(transformers, "{cls}")
+    model = pylomin.load_streaming(repo, cls)
+    from huggingface_hub import snapshot_download
+    ref = cls.from_pretrained(snapshot_download(repo), dtype=torch.float32).eval()
+    with torch.no_grad():
+        a, b = model(models.ids()), ref(models.ids())
+    key = "logits" if "logits" in a else "last_hidden_state"
+    print("EQUAL", torch.equal(a[key], b[key]))
+"""
+
+
+@pytest.mark.parametrize(("repo", "cls"), [("org/tiny-bert", "BertModel"), ("org/tiny-gpt2-bin", "GPT2LMHeadModel")])
+def test_load_by_repo_id_offline_converts_once(env: dict[str, str], repo: str, cls: str, tmp_path: Path) -> None:
+    first = run(LOAD_AND_COMPARE.format(repo=repo, cls=cls), env)
+    assert first.returncode == 0, first.stderr
+    assert "EQUAL True" in first.stdout
+    assert "converting `" in first.stderr
+    converted = tmp_path / "pl-cache" / repo.replace("/", "--") / COMMIT
+    manifest = json.loads((converted / "pylomin.json").read_text())
+    assert manifest["source"]["repo_id"] == repo and manifest["source"]["commit"] == COMMIT
+    assert (tmp_path / "pl-cache" / repo.replace("/", "--") / "refs" / "main").read_text() == COMMIT
+
+    # The second load resolves refs/main in pylomin's cache: no Hub, no conversion.
+    hub_gone = {**env, "HF_HUB_CACHE": str(tmp_path / "empty-hf")}
+    code = f"""
+        import logging, transformers, pylomin
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+        pylomin.load_streaming("{repo}", transformers.{cls})
+        print("LOADED")
+    """
+    second = run(code, hub_gone)
+    assert second.returncode == 0, second.stderr
+    assert "LOADED" in second.stdout and "converting" not in second.stderr
+
+
+def test_unknown_repo_offline_is_a_clear_error(env: dict[str, str]) -> None:
+    res = run(
+        """
+        import transformers, pylomin
+        try:
+            pylomin.load_streaming("org/not-there", transformers.BertModel)
+        except pylomin.PylominError as e:
+            print("ERROR", e)
+        """,
+        env,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "ERROR `org/not-there` is not a local path" in res.stdout and "HF_HUB_OFFLINE=1" in res.stdout
+
+
+def test_cli_convert_by_repo_id_and_cache_commands(env: dict[str, str], tmp_path: Path) -> None:
+    cli = [sys.executable, "-m", "pylomin.cli"]
+    full = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "out"
+    res = subprocess.run(
+        [*cli, "convert", "org/tiny-bert", str(out), "--quiet"], capture_output=True, text=True, env=full
+    )
+    assert res.returncode == 0, res.stderr
+    assert json.loads((out / "pylomin.json").read_text())["source"]["repo_id"] == "org/tiny-bert"
+    assert (
+        run(
+            'import pylomin, transformers; pylomin.load_streaming("org/tiny-bert", transformers.BertModel)', env
+        ).returncode
+        == 0
+    )
+    res = subprocess.run([*cli, "cache", "ls"], capture_output=True, text=True, env=full)
+    assert res.returncode == 0 and f"org/tiny-bert  {COMMIT}" in res.stdout, res.stdout
+    res = subprocess.run([*cli, "cache", "rm", "org/tiny-bert"], capture_output=True, text=True, env=full)
+    assert res.returncode == 0 and "removed org/tiny-bert" in res.stdout
+    res = subprocess.run([*cli, "cache", "rm", "org/tiny-bert"], capture_output=True, text=True, env=full)
+    assert res.returncode == 2 and "is not in the pylomin cache" in res.stderr
+
+
+def test_two_processes_convert_the_same_model_at_once(env: dict[str, str], tmp_path: Path) -> None:
+    code = """
+        import transformers, pylomin
+        pylomin.load_streaming("org/tiny-bert", transformers.BertModel)
+        print("OK")
+    """
+    full = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=full,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
+    base = tmp_path / "pl-cache" / "org--tiny-bert"
+    assert sorted(p.name for p in base.iterdir() if not p.name.endswith(".lock")) == [COMMIT, "refs"]
+    import pylomin
+
+    pylomin.verify(base / COMMIT)
