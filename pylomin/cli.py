@@ -13,7 +13,7 @@ from pylomin.convert import convert
 from pylomin.errors import PylominError
 from pylomin.store import verify
 
-_USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, PylominError)
+_USER_ERRORS = (OSError, ValueError, PylominError)  # OSError: missing paths, existing OUT_DIR, disk full
 _CONVERT_EXAMPLE = """example:
   pylomin-convert ./bert-large ./bert-large-pylomin            # a Hugging Face model folder
   pylomin-convert model.safetensors out/ --unit leaf --dtype float16

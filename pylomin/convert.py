@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import re
@@ -111,6 +112,11 @@ def write_folder(
         _fsync_dir(tmp / fmt.UNITS_DIR)
         _fsync_dir(tmp)
         _replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(
+            e.errno, f"writing `{out}` failed ({e.strerror or e}); is the disk full? Nothing was left behind"
+        ) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -290,12 +296,24 @@ def _fsync_dir(path: Path) -> None:
 def _replace(tmp: Path, out: Path) -> None:
     if not out.exists():
         os.rename(tmp, out)
-    else:
+    elif _exchange(tmp, out):
+        shutil.rmtree(tmp, ignore_errors=True)  # holds the old folder now
+    else:  # no atomic exchange here: a crash between the two renames leaves no OUT_DIR (never a partial one)
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}{_TMP_MARK}{os.getpid()}-old-", dir=out.parent))
         os.rename(out, old / "x")
         os.rename(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(out.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def _remove_stale_temps(out: Path) -> None:
