@@ -182,23 +182,28 @@ def read(folder: str | os.PathLike[str]) -> Manifest:
 
 
 def _unit_from_json(u: dict[str, Any], folder: Path) -> Unit:
-    file = str(u["file"])
+    # Types are checked, not coerced: `str()` of a dict is a valid-looking file name.
+    file, name, modules, tensors = u["file"], u["name"], u["modules"], u["tensors"]
+    if not isinstance(file, str) or not isinstance(name, str) or not isinstance(tensors, dict):
+        raise TypeError(f"unit {name!r}: `file`, `name` must be strings and `tensors` an object")
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise TypeError(f"unit {name!r}: `modules` must be a list of strings")
     resolve_inside(folder, file)
-    tensors = {
-        str(name): TensorInfo(str(t["dtype"]), tuple(int(d) for d in t["shape"]), int(t["offset"]), int(t["length"]))
-        for name, t in u["tensors"].items()
-    }
-    for name, t in tensors.items():
-        if t.dtype not in SAFETENSORS_DTYPES:
-            raise ValueError(f"tensor `{name}` has unknown dtype {t.dtype!r}")
-    return Unit(
-        name=str(u["name"]),
-        file=file,
-        size=int(u["size"]),
-        checksum=str(u["checksum"]),
-        modules=[str(m) for m in u["modules"]],
-        tensors=tensors,
-    )
+    infos = {}
+    for tname, t in tensors.items():
+        shape, dtype = t["shape"], t["dtype"]
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise TypeError(f"tensor `{tname}` has a malformed shape {shape!r}")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor `{tname}` has unknown dtype {dtype!r}")
+        infos[tname] = TensorInfo(dtype, tuple(shape), _int(t["offset"]), _int(t["length"]))
+    return Unit(name, file, _int(u["size"]), str(u["checksum"]), list(modules), infos)
+
+
+def _int(x: object) -> int:
+    if type(x) is not int or x < 0:
+        raise TypeError(f"expected a non-negative integer, got {x!r}")
+    return x
 
 
 def resolve_inside(folder: Path, relative: str) -> Path:
@@ -206,8 +211,11 @@ def resolve_inside(folder: Path, relative: str) -> Path:
     if os.path.isabs(relative) or ".." in Path(relative).parts:
         raise PylominError(f"unit path `{relative}` escapes the folder `{folder}`; the manifest is not trustworthy")
     path = folder / relative
-    real_folder = folder.resolve()
-    if path.exists() and not path.resolve().is_relative_to(real_folder):
+    try:
+        outside = path.exists() and not path.resolve().is_relative_to(folder.resolve())
+    except OSError as e:  # a name too long, a symlink loop
+        raise PylominError(f"unit path `{relative[:200]}` cannot be used ({e.strerror})") from None
+    if outside:
         raise PylominError(f"unit path `{relative}` resolves outside `{folder}` (symlink); refusing to read it")
     return path
 
