@@ -4,18 +4,21 @@ from pylomin.convert import convert
 from pylomin.embedding import ChunkedEmbedding, chunked_embedding
 from pylomin.errors import PylominError
 from pylomin.lazy import lazy_loading
+from pylomin.profile import Profile, profile
 from pylomin.store import verify
 from pylomin.streaming import load_streaming, unload_
 
 __version__ = "0.1.0"
 __all__ = [
     "ChunkedEmbedding",
+    "Profile",
     "PylominError",
     "__version__",
     "chunked_embedding",
     "convert",
     "lazy_loading",
     "load_streaming",
+    "profile",
     "unload_",
     "verify",
 ]

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from pylomin import hub
 from pylomin import manifest as fmt
@@ -69,6 +70,45 @@ def _verify(args: argparse.Namespace) -> int:
     m = verify(args.folder)
     print(f"{args.folder}: OK ({len(m.units)} unit files, {m.nbytes / 2**20:.1f} MiB checked)")
     return 0
+
+
+def _run_model(args: argparse.Namespace) -> int:
+    import importlib
+    import time
+
+    import torch
+
+    from pylomin.profile import profile
+    from pylomin.streaming import load_streaming
+
+    module_name, _, cls_name = args.model_cls.rpartition(".")
+    try:
+        model_cls = getattr(importlib.import_module(module_name or "transformers"), cls_name)
+    except (ImportError, AttributeError):
+        raise ValueError(f"cannot import `{args.model_cls}`; give e.g. transformers.BertModel") from None
+    model = load_streaming(
+        args.model, model_cls, prefetch=args.prefetch, drop_page_cache=not args.keep_page_cache, revision=args.revision
+    )
+    vocab = getattr(getattr(model, "config", None), "vocab_size", 1000)
+    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for i in range(args.runs):
+            traced = i == args.runs - 1 and (args.trace or args.png)
+            with profile(model, trace=args.trace, png=args.png) if traced else _nothing() as prof:
+                t0 = time.perf_counter()
+                model(ids)
+                elapsed = time.perf_counter() - t0
+            print(f"forward {i + 1}/{args.runs}: {elapsed:.3f} s")
+    if prof is not None:
+        print(prof.verdict())
+        print(f"trace: {args.trace or '-'}  timeline: {args.png or '-'}")
+    return 0
+
+
+def _nothing() -> Any:
+    import contextlib
+
+    return contextlib.nullcontext(None)
 
 
 def _cache_ls(args: argparse.Namespace) -> int:
@@ -137,6 +177,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("verify", help="check sizes, headers and checksums of a converted folder")
     p.add_argument("folder")
     p.set_defaults(func=_verify)
+    p = sub.add_parser(
+        "run",
+        help="run random input through a streamed model, optionally traced",
+        epilog="example:\n  pylomin run ./bert-pylomin --model-cls transformers.BertModel --trace trace.json --png trace.png\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help="a converted folder or a Hub repo id")
+    p.add_argument("--model-cls", default="transformers.AutoModel", help="import path (default transformers.AutoModel)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--runs", type=int, default=2, help="forwards; the last one is traced")
+    p.add_argument("--prefetch", type=int, default=2)
+    p.add_argument("--keep-page-cache", action="store_true")
+    p.add_argument("--revision")
+    p.add_argument("--trace", help="write a Chrome trace JSON (Perfetto, chrome://tracing)")
+    p.add_argument("--png", help="write a timeline PNG")
+    p.set_defaults(func=_run_model)
     cache = sub.add_parser("cache", help="the cache of models converted from Hub repo ids").add_subparsers(
         required=True, metavar="ACTION"
     )

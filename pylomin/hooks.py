@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,7 @@ class HookManager:
         self._lock = threading.RLock()
         self._handles: list[RemovableHandle] = []
         self._staged: dict[Slot, tuple[torch.Tensor, Any]] = {}  # CUDA: copied ahead, with its event
+        self.recorder: Any = None  # a pylomin.profile.Profile while profiling; one check per hook otherwise
         self._staging: _PinnedRing | None = None
         position = {m: i for i, m in enumerate(root.modules())}
         self.order = sorted(targets, key=lambda m: position.get(m, len(position)))
@@ -138,16 +140,27 @@ class HookManager:
         self.prefetcher.end_pass()
 
     def _pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        rec = self.recorder
+        t0 = time.perf_counter_ns() if rec is not None else 0
         if self.prefetcher is not None:
             self.prefetcher.enter(self.index[module])  # may wait for this unit's read; outside the lock
+        t1 = time.perf_counter_ns() if rec is not None else 0
         slots = self.targets[module]
         with self._lock:
             for slot in slots:
                 slot.refs += 1
                 if slot.refs == 1:
                     self._materialize(slot)
+        if rec is not None:
+            t2 = time.perf_counter_ns()
+            i = self.index[module]
+            rec.add(i, "wait", t0, t1)
+            rec.add(i, "load", t1, t2, nbytes=0 if self.prefetcher is not None else rec.nbytes[i])
+            rec.begin_compute(i, t2)
 
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+        rec = self.recorder
+        t0 = time.perf_counter_ns() if rec is not None else 0
         slots = self.targets[module]
         with self._lock:
             for slot in slots:
@@ -156,6 +169,10 @@ class HookManager:
                 slot.refs -= 1
                 if slot.refs == 0:
                     self._release(slot)
+        if rec is not None:
+            i = self.index[module]
+            rec.end_compute(i, t0)
+            rec.add(i, "release", t0, time.perf_counter_ns())
 
     def _stage(self, target: int) -> None:
         """Reader thread, CUDA: copy a unit's parameters to the device through pinned buffers, on a copy stream."""

@@ -5,9 +5,10 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from pylomin.errors import PylominError
 from pylomin.store import Store
@@ -50,6 +51,7 @@ class Prefetcher(Generic[T]):
         self.store = store
         self.ranges = ranges
         self.stage = stage  # after the pages are in: e.g. copy the unit to the GPU
+        self.recorder: Any = None  # a pylomin.profile.Profile while profiling
         self.max_units = max_units
         self.max_bytes = max_bytes
         self.skip = set(skip or ())
@@ -147,6 +149,7 @@ class Prefetcher(Generic[T]):
                     self._queue.clear()
                     return
                 job = self._queue.popleft()
+            t0 = time.perf_counter_ns()
             try:
                 for file, offset, length in job.ranges:
                     self.store.prefetch(file, offset, length, method=self.method)
@@ -155,6 +158,9 @@ class Prefetcher(Generic[T]):
             except BaseException as e:  # surfaced in the thread that enters the target
                 job.error = e
             finally:
+                rec = self.recorder
+                if rec is not None:
+                    rec.add(job.target, "read", t0, time.perf_counter_ns(), nbytes=sum(n for _, _, n in job.ranges))
                 job.done.set()
 
     def close(self) -> None:
