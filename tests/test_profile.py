@@ -42,3 +42,16 @@ def test_trace_and_verdict(converted, tmp_path: Path, prefetch: int) -> None:
 def test_profile_refuses_a_plain_model() -> None:
     with pytest.raises(ValueError, match="not a pylomin model"), pylomin.profile(models.bert()):
         pass
+
+
+def test_cli_run_with_trace(converted, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pylomin.cli import main
+
+    trace = tmp_path / "run.json"
+    args = ["run", str(converted("bert")), "--model-cls", "transformers.BertModel", "--seq", "8", "--trace", str(trace)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "forward 2/2" in out and "-bound: " in out
+    assert json.loads(trace.read_text())["traceEvents"]
+    assert main(["run", str(converted("bert")), "--model-cls", "transformers.NoSuchModel"]) == 2
+    assert "cannot import `transformers.NoSuchModel`" in capsys.readouterr().err
