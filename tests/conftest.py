@@ -51,6 +51,20 @@ def converted(hf_dir: Callable[[str], Path], tmp_path_factory: pytest.TempPathFa
     return make
 
 
+@pytest.fixture(scope="session")
+def medium_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 16-layer BERT of ~130 MiB (12 MiB per block), converted with block units: for memory bounds."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=1000, hidden_size=512, num_hidden_layers=16, num_attention_heads=8, intermediate_size=2048
+    )
+    folder = tmp_path_factory.mktemp("medium-bert")
+    transformers.BertModel(cfg).save_pretrained(folder / "src")
+    return pylomin.convert(folder / "src", folder / "out", progress=False)
+
+
 @pytest.fixture
 def open_fds() -> Callable[[], int]:
     return lambda: len(os.listdir("/proc/self/fd"))

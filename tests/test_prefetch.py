@@ -91,13 +91,8 @@ def test_bytes_and_units_in_flight_are_bounded(tmp_path: Path) -> None:
         pylomin.unload_(model)
 
 
-def test_peak_memory_within_bytes_in_flight_plus_one_unit(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        vocab_size=1000, hidden_size=512, num_hidden_layers=16, num_attention_heads=8, intermediate_size=2048
-    )
-    transformers.BertModel(cfg).save_pretrained(tmp_path / "src")
-    folder = pylomin.convert(tmp_path / "src", tmp_path / "out", progress=False)
+def test_peak_memory_within_bytes_in_flight_plus_one_unit(medium_bert: Path) -> None:
+    folder = medium_bert
     unit = max(u.nbytes for u in fmt.read(folder).units)
     x = torch.randint(0, 1000, (1, 32))
     model = pylomin.load_streaming(folder, transformers.BertModel, prefetch=2, prefetch_bytes=2 * unit)

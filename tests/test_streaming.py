@@ -151,14 +151,9 @@ def test_unload_removes_hooks_and_closes_files(converted, open_fds) -> None:
         pylomin.unload_(model)
 
 
-def test_memory_stays_bounded(tmp_path: Path) -> None:
+def test_memory_stays_bounded(medium_bert: Path) -> None:
     """A 16-layer model of ~130 MiB: one forward peaks far below the model size."""
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        vocab_size=1000, hidden_size=512, num_hidden_layers=16, num_attention_heads=8, intermediate_size=2048
-    )
-    transformers.BertModel(cfg).save_pretrained(tmp_path / "src")
-    out = pylomin.convert(tmp_path / "src", tmp_path / "out", progress=False)
+    out = medium_bert
     m = fmt.read(out)
     model = pylomin.load_streaming(out, transformers.BertModel, prefetch=0)
     x = torch.randint(0, 1000, (1, 32))
