@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import re
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,6 +19,22 @@ from pylomin.hooks import Slot
 from pylomin.store import Store
 
 _META_LOCK = threading.Lock()
+
+
+def resolve_model_cls(model_cls: str | Callable[..., nn.Module] | type) -> Callable[..., nn.Module] | type:
+    """An import path (`"transformers.BertModel"` or `"pkg.mod:factory"`) -> the object; anything else as is."""
+    if not isinstance(model_cls, str):
+        return model_cls
+    module, sep, attr = model_cls.partition(":") if ":" in model_cls else model_cls.rpartition(".")
+    if not sep or not module or not attr:
+        raise ValueError(f"cannot import {model_cls!r}: write it as 'package.module.Class' or 'package.module:factory'")
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot import `{model_cls}` ({e}); give e.g. transformers.BertModel") from None
+    return obj  # type: ignore[no-any-return]
 
 
 def stored_dtype(manifest: fmt.Manifest) -> torch.dtype | None:

@@ -73,19 +73,15 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _run_model(args: argparse.Namespace) -> int:
-    import importlib
     import time
 
     import torch
 
+    from pylomin.build import resolve_model_cls
     from pylomin.profile import profile
     from pylomin.streaming import load_streaming
 
-    module_name, _, cls_name = args.model_cls.rpartition(".")
-    try:
-        model_cls = getattr(importlib.import_module(module_name or "transformers"), cls_name)
-    except (ImportError, AttributeError):
-        raise ValueError(f"cannot import `{args.model_cls}`; give e.g. transformers.BertModel") from None
+    model_cls = resolve_model_cls(args.model_cls)
     model = load_streaming(
         args.model, model_cls, prefetch=args.prefetch, drop_page_cache=not args.keep_page_cache, revision=args.revision
     )
