@@ -26,8 +26,10 @@ lint: install
 	$(BIN)/ruff format --check pylomin tests scripts examples
 	$(BIN)/mypy
 
+# Every contender side by side (< 20 min; BENCH_ARGS=--quick for a small model). The focused
+# benchmarks: scripts/bench_convert.py (the converter), scripts/bench_prefetch.py (prefetch, budgets).
 bench: install
-	$(BIN)/python scripts/bench_convert.py
+	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
 
 demo: install
 	$(BIN)/python scripts/demo.py
