@@ -432,7 +432,7 @@ def chart(results: list[tuple[Case, dict[str, dict[str, Any]]]], path: Path) -> 
                 )
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide on a log axis
         ax.set_ylim(bottom=0)
         ax.set_xlabel("peak RSS above baseline, MiB (log scale)")
         ax.set_ylabel("seconds per token" if case.generate else "latency per forward, s")
