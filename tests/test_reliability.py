@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -185,6 +186,7 @@ def test_four_threads_by_25_forwards(hf_dir, converted) -> None:
 
 
 def resources() -> tuple[int, int, int, int]:
+    gc.collect()  # models earlier tests dropped: their readers and files go now, not mid-count
     with open("/proc/self/maps") as f:
         maps = sum(1 for _ in f)
     return rss().total, len(os.listdir("/proc/self/fd")), maps, threading.active_count()
