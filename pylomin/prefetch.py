@@ -45,7 +45,6 @@ class Prefetcher(Generic[T]):
         max_units: int,
         max_bytes: int,
         skip: set[T] | None = None,
-        method: str = "populate",
         stage: Callable[[T], None] | None = None,
     ):
         self.store = store
@@ -55,7 +54,6 @@ class Prefetcher(Generic[T]):
         self.max_units = max_units
         self.max_bytes = max_bytes
         self.skip = set(skip or ())
-        self.method = method
         self._nbytes = {t: sum(n for _, _, n in r) for t, r in ranges.items()}
         self._set_order(list(initial_order))
         self._lock = threading.Lock()
@@ -152,7 +150,7 @@ class Prefetcher(Generic[T]):
             t0 = time.perf_counter_ns()
             try:
                 for file, offset, length in job.ranges:
-                    self.store.prefetch(file, offset, length, method=self.method)
+                    self.store.prefetch(file, offset, length)
                 if self.stage is not None:
                     self.stage(job.target)  # type: ignore[arg-type]
             except BaseException as e:  # surfaced in the thread that enters the target
