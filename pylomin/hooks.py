@@ -67,6 +67,10 @@ class HookManager:
         skip = {
             self.index[m] for m, slots in targets.items() if isinstance(m, nn.Embedding) or all(s.pinned for s in slots)
         }
+        for m in targets:
+            if isinstance(m, nn.Embedding):
+                for r in self.ranges[m]:
+                    store.random_access(*r)
         self._streamed = [s for i, m in enumerate(self.order) if i not in skip for s in targets[m] if not s.pinned]
         self.prefetcher: Prefetcher[int] | None = None
         if prefetch_units > 0:

@@ -89,6 +89,18 @@ class Store:
         unit, info = self._index[name]
         return unit.file, info.offset, info.length
 
+    def random_access(self, file: str, offset: int, length: int) -> None:
+        """Tell the kernel a range is read a few rows at a time: no read-around on its page faults.
+
+        Without this, each page fault in an embedding table reads and maps up to `read_ahead_kb`
+        around it (8 MiB here), so a 128-token lookup can pull in most of the table.
+        """
+        m = self._maps.get(file)
+        if m is None or length <= 0:
+            return
+        begin, end = _page_range(offset, length, len(m))
+        m.madvise(mmap.MADV_RANDOM, begin, end - begin)
+
     def prefetch(self, file: str, offset: int, length: int) -> None:
         """Make a range of a unit file resident before it is used (called from the reader thread).
 
