@@ -218,7 +218,10 @@ class HookManager:
     def _release(self, slot: Slot) -> None:
         for module, attr in slot.owners:
             module._parameters[attr] = slot.placeholder
-        self.store.done(*self.store.location(slot.stored_name))
+        if self.prefetcher is not None and not self.prefetcher.closed:
+            self.prefetcher.release_later(*self.store.location(slot.stored_name))
+        else:
+            self.store.done(*self.store.location(slot.stored_name))
 
 
 class _PinnedRing:

@@ -60,6 +60,7 @@ class Prefetcher(Generic[T]):
         self._wake = threading.Condition(self._lock)
         self._queue: collections.deque[_Job] = collections.deque()
         self._pending: dict[T, _Job] = {}
+        self._done: list[Range] = []  # ranges released by compute, dropped by the reader
         self._passes = 0
         self._recording: list[T] | None = None
         self._seen: set[T] = set()
@@ -136,17 +137,32 @@ class Prefetcher(Generic[T]):
 
     # --- the reader thread ----------------------------------------------------------------------
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def release_later(self, file: str, offset: int, length: int) -> None:
+        """Let the reader drop a range's pages (before its next read): off the compute thread's path."""
+        with self._lock:
+            self._done.append((file, offset, length))
+            self._wake.notify()
+
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not self._queue and not self._closed:
+                while not self._queue and not self._done and not self._closed:
                     self._wake.wait()
                 if self._closed:
-                    for job in self._queue:
-                        job.done.set()
+                    for queued in self._queue:
+                        queued.done.set()
                     self._queue.clear()
                     return
-                job = self._queue.popleft()
+                done, self._done = self._done, []
+                job: _Job | None = self._queue.popleft() if self._queue else None
+            for r in done:  # a unit released and entered again since is refaulted, never wrong
+                self.store.done(*r)
+            if job is None:
+                continue
             t0 = time.perf_counter_ns()
             try:
                 for file, offset, length in job.ranges:
@@ -168,6 +184,9 @@ class Prefetcher(Generic[T]):
             self._wake.notify_all()
         if self._thread is not threading.current_thread():
             self._thread.join()
+        for r in self._done:
+            self.store.done(*r)
+        self._done.clear()
         with self._lock:
             for job in self._pending.values():
                 job.done.set()
