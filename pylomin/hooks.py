@@ -133,7 +133,10 @@ class HookManager:
                         slot.pinned = False
                         self._release(slot)
                     if restore:
-                        self._set(slot, self.store.view(slot.stored_name).to(self.device, self.dtype, copy=True))
+                        # As loaded: the placeholder carries the dtype (integers are never cast).
+                        self._set(
+                            slot, self.store.view(slot.stored_name).to(self.device, slot.placeholder.dtype, copy=True)
+                        )
 
     def _begin_pass(self, module: nn.Module, args: Any) -> None:
         assert self.prefetcher is not None
