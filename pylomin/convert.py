@@ -183,9 +183,9 @@ def _write_units(
     out_bytes = sum(_out_dtype(t, dtype).itemsize * (t.nbytes // t.dtype.itemsize) for t in ckpt.tensors)
     buf = memoryview(bytearray(CHUNK_BYTES))
     try:
-        with tqdm(
-            total=out_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="convert", disable=not progress
-        ) as bar:
+        # No bar at all when progress is off: even a disabled tqdm starts its monitor thread.
+        bar_cls = tqdm if progress else _NoBar
+        with bar_cls(total=out_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="convert") as bar:
             for i, (uname, modules) in enumerate(plan.items()):
                 tensors = by_unit[uname]
                 # Larger items first (and 64-byte multiples before odd sizes) keeps every tensor aligned.
@@ -206,6 +206,20 @@ def _write_units(
     return fmt.Manifest(units=units, aliases=dict(ckpt.aliases))
 
 
+class _NoBar:
+    def __init__(self, **_: Any):
+        pass
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        pass
+
+    def update(self, n: int) -> None:
+        pass
+
+
 def _unit_of(name: str, unit_of_module: dict[str, str]) -> str:
     # The unit covering the deepest enclosing module of `name`.
     module = name.rpartition(".")[0]
@@ -224,7 +238,7 @@ def _write_unit(
     dtype: torch.dtype | None,
     handles: dict[Path, Any],
     buf: memoryview,
-    bar: tqdm,
+    bar: tqdm | _NoBar,
 ) -> fmt.Unit:
     entries = [(t.name, _out_dtype(t, dtype), t.shape, _out_nbytes(t, dtype)) for t in tensors]
     header, offsets = fmt.encode_header(entries)

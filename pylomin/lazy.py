@@ -13,6 +13,7 @@ from torch import nn
 
 from pylomin.checkpoint import from_tensors
 from pylomin.convert import _check_out, write_folder
+from pylomin.memory import trim_freed_memory
 from pylomin.streaming import attach_
 
 M = TypeVar("M", bound=nn.Module)
@@ -98,6 +99,7 @@ def lazy_loading(
         prefetch_bytes=prefetch_bytes,
         drop_page_cache=drop_page_cache,
     )
+    trim_freed_memory()  # the parameters that lived in malloc's heap (below its mmap threshold) go back too
     return model
 
 

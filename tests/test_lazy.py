@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,6 +114,35 @@ def test_memory_is_given_back() -> None:
     assert before.anon - after.anon > 200 * MiB, (before, after)
     with torch.no_grad():
         assert torch.equal(model(x), want)
+
+
+def test_memory_in_the_c_heap_is_given_back_too() -> None:
+    # 400 x 256 KiB weights sit in malloc's heap (below its mmap threshold), below a tensor allocated
+    # after them: freeing them alone would leave ~100 MiB resident as free heap chunks.
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(256, 256, bias=False) for _ in range(400))).eval()
+    x = torch.randn(2, 256)  # allocated last: the heap cannot shrink from its top past it
+    with torch.no_grad():
+        want = model(x)
+    before = rss()
+    pylomin.lazy_loading(model, prefetch=0)
+    gc.collect()
+    after = rss()
+    assert before.anon - after.anon > 80 * MiB, (before, after)
+    with torch.no_grad():
+        assert torch.equal(model(x), want)
+
+
+def test_lazy_loading_without_prefetch_starts_no_thread() -> None:
+    # A fresh process: a thread some earlier test left behind (tqdm's monitor) must not hide a new one.
+    code = (
+        "import threading, torch, pylomin; from torch import nn\n"
+        "m = pylomin.lazy_loading(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), prefetch=0)\n"
+        "with torch.no_grad(): m(torch.randn(1, 4))\n"
+        "print([t.name for t in threading.enumerate()])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['MainThread']", out
 
 
 def test_argument_errors() -> None:
