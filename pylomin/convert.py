@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import re
@@ -114,14 +115,17 @@ def write_folder(
         _replace(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(
-            e.errno, f"writing `{out}` failed ({e.strerror or e}); is the disk full? Nothing was left behind"
-        ) from e
+        where = f" on `{e.filename}`" if e.filename else ""
+        hint = " Is the disk full?" if e.errno in _SPACE_ERRNOS else ""
+        raise OSError(e.errno, f"writing `{out}` failed: {e.strerror or e}{where}.{hint} Nothing was left behind.") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info("wrote `%s`: %d units, %.1f MiB", out, len(m.units), m.nbytes / 2**20)
     return m
+
+
+_SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
 def _check_out(out: Path, overwrite: bool) -> None:

@@ -52,6 +52,7 @@ class HookManager:
         self.device = device
         self.dtype = dtype
         self._lock = threading.RLock()
+        self._local = threading.local()  # per thread: the stack of hooked calls running and the slots each holds
         self._handles: list[RemovableHandle] = []
         self._staged: dict[Slot, tuple[torch.Tensor, Any]] = {}  # CUDA: copied ahead, with its event
         self.recorder: Any = None  # a pylomin.profile.Profile while profiling; one check per hook otherwise
@@ -146,16 +147,26 @@ class HookManager:
         assert self.prefetcher is not None
         self.prefetcher.end_pass()
 
+    def _frames(self) -> list[tuple[nn.Module, list[Slot]]]:
+        frames = getattr(self._local, "frames", None)
+        if frames is None:
+            frames = self._local.frames = []
+        return frames
+
     def _pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         rec = self.recorder
         t0 = time.perf_counter_ns() if rec is not None else 0
+        # What this call holds, so the post-hook (which runs even when this one raises) gives back
+        # exactly that, never a reference another thread holds on the same slot.
+        held: list[Slot] = []
+        self._frames().append((module, held))
         if self.prefetcher is not None:
             self.prefetcher.enter(self.index[module])  # may wait for this unit's read; outside the lock
         t1 = time.perf_counter_ns() if rec is not None else 0
-        slots = self.targets[module]
         with self._lock:
-            for slot in slots:
+            for slot in self.targets[module]:
                 slot.refs += 1
+                held.append(slot)
                 if slot.refs == 1:
                     self._materialize(slot)
         if rec is not None:
@@ -168,11 +179,12 @@ class HookManager:
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
         rec = self.recorder
         t0 = time.perf_counter_ns() if rec is not None else 0
-        slots = self.targets[module]
+        frames = self._frames()
+        if not frames or frames[-1][0] is not module:
+            return  # our pre-hook did not run for this call (a hook before it raised): nothing is held
+        _, held = frames.pop()
         with self._lock:
-            for slot in slots:
-                if slot.refs == 0:  # the pre-hook failed before reaching this slot
-                    continue
+            for slot in held:
                 slot.refs -= 1
                 if slot.refs == 0:
                     self._release(slot)

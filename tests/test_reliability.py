@@ -156,7 +156,7 @@ def test_disk_full_is_a_clear_error_and_leaves_nothing(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env)
     assert res.returncode == 2, res.stderr
     assert (
-        res.stderr.startswith("pylomin: error: ") and "is the disk full" in res.stderr and "Traceback" not in res.stderr
+        res.stderr.startswith("pylomin: error: ") and "Is the disk full" in res.stderr and "Traceback" not in res.stderr
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
 
@@ -193,6 +193,53 @@ def resources() -> tuple[int, int, int, int]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_a_failed_call_in_one_thread_never_releases_another_threads_parameters(prefetch: int) -> None:
+    # Thread B is inside block 0 (its weights paged in) when thread A calls the same block and a hook
+    # that runs before pylomin's raises. The post-hook still runs for A (torch calls it on errors);
+    # it must give back only what A took: nothing.
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+    model = torch.nn.Sequential(block, torch.nn.Linear(8, 4)).eval()
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        want = model(x)
+    pylomin.lazy_loading(model, target_modules=["0", "1"], prefetch=prefetch)
+    inside, go = threading.Event(), threading.Event()
+    b_thread: list[threading.Thread] = []
+
+    def pause_b(module, args):
+        if threading.current_thread() is b_thread[0]:
+            inside.set()
+            assert go.wait(30)
+
+    def fail_a(module, args):
+        if threading.current_thread() is threading.main_thread():
+            raise RuntimeError("a hook before pylomin's failed")
+
+    block[1].register_forward_pre_hook(pause_b)
+    block.register_forward_pre_hook(fail_a, prepend=True)
+    got: list[torch.Tensor | BaseException] = []
+
+    def run_b() -> None:
+        try:
+            with torch.no_grad():
+                got.append(model(x))
+        except BaseException as e:  # noqa: BLE001  (reported below)
+            got.append(e)
+
+    b_thread.append(threading.Thread(target=run_b))
+    b_thread[0].start()
+    assert inside.wait(30)
+    with pytest.raises(RuntimeError, match="a hook before pylomin's failed"), torch.no_grad():
+        block(x)
+    go.set()
+    b_thread[0].join(30)
+    assert len(got) == 1 and isinstance(got[0], torch.Tensor), got
+    assert torch.equal(got[0], want)
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
 def test_500_forwards_do_not_grow_anything(converted) -> None:
     x = models.ids(2, 16)
     folder, cls = converted("llama"), transformers.LlamaForCausalLM  # converted and imported before counting
