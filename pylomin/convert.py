@@ -117,7 +117,9 @@ def write_folder(
         shutil.rmtree(tmp, ignore_errors=True)
         where = f" on `{e.filename}`" if e.filename else ""
         hint = " Is the disk full?" if e.errno in _SPACE_ERRNOS else ""
-        raise OSError(e.errno, f"writing `{out}` failed: {e.strerror or e}{where}.{hint} Nothing was left behind.") from e
+        raise OSError(
+            e.errno, f"writing `{out}` failed: {e.strerror or e}{where}.{hint} Nothing was left behind."
+        ) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
