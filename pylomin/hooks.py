@@ -68,10 +68,14 @@ class HookManager:
         skip = {
             self.index[m] for m, slots in targets.items() if isinstance(m, nn.Embedding) or all(s.pinned for s in slots)
         }
-        for m in targets:
+        # ... and have the kernel read only the pages a lookup faults, unless the table is tied to a
+        # module that reads all of it (an LM head): that read wants the kernel's read-ahead.
+        whole = {s for m, slots in targets.items() if not isinstance(m, nn.Embedding) for s in slots}
+        for m, slots in targets.items():
             if isinstance(m, nn.Embedding):
-                for r in self.ranges[m]:
-                    store.random_access(*r)
+                for slot in slots:
+                    if slot not in whole:
+                        store.random_access(*store.location(slot.stored_name))
         self._streamed = [s for i, m in enumerate(self.order) if i not in skip for s in targets[m] if not s.pinned]
         self.prefetcher: Prefetcher[int] | None = None
         if prefetch_units > 0:

@@ -204,6 +204,47 @@ def evict(folder: Path) -> None:
         os.close(fd)
 
 
+class _TiedLM(nn.Module):
+    def __init__(self, tied: bool = True):
+        super().__init__()
+        self.emb = nn.Embedding(4096, 64)
+        self.head = nn.Linear(64, 4096, bias=False)
+        if tied:
+            self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(ids))
+
+
+def random_read_mapped(file: Path) -> bool:
+    """Whether any mapping of `file` in this process carries the kernel's random-read hint (MADV_RANDOM)."""
+    hit, current = False, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if line.startswith("VmFlags:"):
+                hit = hit or (current and "rr" in line.split()[1:])
+            elif "-" in line.split(" ", 1)[0] and not line[0].isupper():
+                current = line.rstrip("\n").endswith(str(file))
+    return hit
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_table_tied_to_a_head_keeps_the_kernels_read_ahead(tmp_path: Path, tied: bool) -> None:
+    # The head reads the whole table on every forward: page by page, with no read-ahead, that was
+    # 3.8x slower on a cold GPT-2-large forward (7.0 s against 1.85 s).
+    torch.manual_seed(0)
+    ref = _TiedLM(tied).eval()
+    torch.save(ref.state_dict(), tmp_path / "m.pt")
+    folder = pylomin.convert(tmp_path / "m.pt", tmp_path / "out", progress=False)
+    model = pylomin.load_streaming(folder, partial(_TiedLM, tied), prefetch=0)
+    store = model._pylomin_stream.store
+    table = folder / store.location("emb.weight")[0]
+    assert random_read_mapped(table) is not tied
+    ids = torch.randint(0, 4096, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids), ref(ids))
+
+
 def test_embedding_lookup_reads_only_the_rows_it_touches(tmp_path: Path) -> None:
     torch.manual_seed(0)
     table = nn.Embedding(32768, 256)  # 32 MiB, 1 KiB per row
