@@ -27,7 +27,7 @@ lint: install
 	$(BIN)/mypy
 
 # Every contender side by side (< 20 min; BENCH_ARGS=--quick for a small model). The focused
-# every contender side by side; also scripts/bench_convert.py (the converter), scripts/bench_prefetch.py (prefetch, budgets).
+# benchmarks: scripts/bench_convert.py (the converter), scripts/bench_prefetch.py (prefetch, budgets).
 bench: install
 	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
 
