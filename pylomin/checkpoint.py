@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import mmap
@@ -15,6 +14,7 @@ import torch
 
 from pylomin.errors import PylominError
 from pylomin.manifest import SAFETENSORS_DTYPES, decode_header
+from pylomin.memory import libc
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +193,6 @@ def _as_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
 
 
 _PAGE = mmap.PAGESIZE
-_libc = ctypes.CDLL(None, use_errno=True)
 _MADV_DONTNEED = 4
 
 
@@ -207,7 +206,7 @@ def release_pages(ptr: int, nbytes: int) -> None:
         return
     begin = ptr // _PAGE * _PAGE
     end = -(-(ptr + nbytes) // _PAGE) * _PAGE
-    _libc.madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), ctypes.c_int(_MADV_DONTNEED))
+    libc.madvise(begin, end - begin, _MADV_DONTNEED)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

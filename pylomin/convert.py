@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
@@ -21,6 +20,7 @@ from pylomin import hub
 from pylomin import manifest as fmt
 from pylomin.checkpoint import Checkpoint, SourceTensor, open_checkpoint, release_pages
 from pylomin.errors import PylominError
+from pylomin.memory import libc
 
 logger = logging.getLogger(__name__)
 
@@ -328,7 +328,6 @@ def _replace(tmp: Path, out: Path) -> None:
 
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    libc = ctypes.CDLL(None, use_errno=True)
     fn = getattr(libc, "renameat2", None)
     if fn is None:
         return False

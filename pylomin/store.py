@@ -15,12 +15,11 @@ import torch
 
 from pylomin import manifest as fmt
 from pylomin.errors import PylominError
+from pylomin.memory import libc
 
 logger = logging.getLogger(__name__)
 _PAGE = mmap.PAGESIZE
 _MADV_POPULATE_READ = 22  # Linux >= 5.14: fault pages in and map them, without touching them from Python
-_libc = ctypes.CDLL(None, use_errno=True)  # ctypes calls release the GIL while they block on the disk
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
 class Store:
@@ -113,7 +112,7 @@ class Store:
             return
         begin, end = _page_range(offset, length, len(m))
         if self._populate_ok:
-            if _libc.madvise(self._addrs[file] + begin, end - begin, _MADV_POPULATE_READ) == 0:
+            if libc.madvise(self._addrs[file] + begin, end - begin, _MADV_POPULATE_READ) == 0:
                 return
             err = ctypes.get_errno()
             if err != errno.EINVAL:  # EINVAL: kernel without MADV_POPULATE_READ; read instead
