@@ -146,7 +146,7 @@ def bind(
             slot.owners.append((modules[owner], attr))
             modules[owner]._parameters[attr] = placeholder
             # A stored name is paged with its unit; another name of a tied parameter with its own module.
-            target = _enclosing_unit_module(owner, unit_modules) if n in index else owner
+            target = fmt.enclosing_module(owner, unit_modules) if n in index else owner
             hooked = targets.setdefault(modules[target if target is not None else owner], [])
             if slot not in hooked:
                 hooked.append(slot)
@@ -179,14 +179,6 @@ def bind(
             "was saved from (or convert the matching checkpoint)."
         )
     return targets
-
-
-def _enclosing_unit_module(module: str, unit_modules: set[str]) -> str | None:
-    while module not in unit_modules:
-        if not module:
-            return None
-        module = module.rpartition(".")[0]
-    return module
 
 
 def _patterns(model: nn.Module, attr: str) -> list[str]:

@@ -228,10 +228,8 @@ class _NoBar:
 
 def _unit_of(name: str, unit_of_module: dict[str, str]) -> str:
     # The unit covering the deepest enclosing module of `name`.
-    module = name.rpartition(".")[0]
-    while module not in unit_of_module:
-        assert module, f"no unit covers `{name}`"
-        module = module.rpartition(".")[0]
+    module = fmt.enclosing_module(name.rpartition(".")[0], unit_of_module)
+    assert module is not None, f"no unit covers `{name}`"
     return unit_of_module[module]
 
 

@@ -11,6 +11,7 @@ from typing import TypeVar
 
 from torch import nn
 
+from pylomin import manifest as fmt
 from pylomin.checkpoint import from_tensors
 from pylomin.convert import _check_out, write_folder
 from pylomin.memory import trim_freed_memory
@@ -71,12 +72,13 @@ def lazy_loading(
 
     params = {name: p.detach() for name, p in model.named_parameters(remove_duplicate=False) if name in owned}
     device = next(iter(params.values())).device
-    ckpt = from_tensors({n: t if t.device.type == "cpu" else t.cpu() for n, t in params.items()}, Path("<memory>"))
+    ckpt = from_tensors({n: t.cpu() for n, t in params.items()}, Path("<memory>"))
     del params
-    plan = {t: [t] for t in targets if any(owned[n] == t for n in owned)}
+    used = set(owned.values())
+    plan = {t: [t] for t in targets if t in used}
     if offload_dir is None:
-        tmp = Path(tempfile.mkdtemp(prefix="pylomin-lazy-"))
-        folder, remove = tmp / "offload", True
+        # An empty folder of our own: write_folder swaps the finished one in, and it is removed whole.
+        folder, remove = Path(tempfile.mkdtemp(prefix="pylomin-lazy-")), True
     else:
         folder, remove = Path(offload_dir), False
         _check_out(folder, overwrite=False)
@@ -84,7 +86,7 @@ def lazy_loading(
         manifest = write_folder(ckpt, plan, folder, progress=False, source={"path": "<memory>"})
     except BaseException:
         if remove:
-            shutil.rmtree(folder.parent, ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)
         raise
     del ckpt  # the last references to the in-memory parameters go with it
     attach_(
@@ -122,16 +124,10 @@ def _inside(name: str, prefixes: set[str]) -> bool:
 def _assign(model: nn.Module, targets: list[str], skipped: set[str]) -> dict[str, str]:
     """Parameter name -> the target module that pages it: its deepest enclosing target, unless skipped first."""
     chosen = set(targets)
+    stops = chosen | skipped  # the walk up from a parameter ends at the first of either
     owned: dict[str, str] = {}
     for name, _ in model.named_parameters(remove_duplicate=False):
-        module = name.rpartition(".")[0]
-        while True:
-            if module in skipped:
-                break
-            if module in chosen:
-                owned[name] = module
-                break
-            if not module:
-                break
-            module = module.rpartition(".")[0]
+        module = fmt.enclosing_module(name.rpartition(".")[0], stops)
+        if module is not None and module in chosen:
+            owned[name] = module
     return owned

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Mapping, Set
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,6 +205,15 @@ def _int(x: object) -> int:
     if type(x) is not int or x < 0:
         raise TypeError(f"expected a non-negative integer, got {x!r}")
     return x
+
+
+def enclosing_module(module: str, modules: Set[str] | Mapping[str, object]) -> str | None:
+    """The deepest of `modules` that is `module` or encloses it (`""` is the root); None if none does."""
+    while module not in modules:
+        if not module:
+            return None
+        module = module.rpartition(".")[0]
+    return module
 
 
 def resolve_inside(folder: Path, relative: str) -> Path:
