@@ -78,15 +78,29 @@ def convert(
     if hub.is_repo_id(src):
         repo_id = os.fspath(src)
         src = hub.snapshot(repo_id, revision)
-        source = {"repo_id": repo_id, "revision": revision or "main", "commit": Path(src).name}
+        source = {"repo_id": repo_id, "revision": revision or "main", "commit": src.name}
+    convert_local(src, out, source, dtype=out_dtype, unit=unit, blocks_per_unit=blocks_per_unit, progress=progress)
+    return out
+
+
+def convert_local(
+    src: str | os.PathLike[str],
+    out: Path,
+    source: dict[str, object],
+    *,
+    dtype: torch.dtype | None = None,
+    unit: Granularity = "block",
+    blocks_per_unit: int = 1,
+    progress: bool = True,
+) -> fmt.Manifest:
+    """`convert` of a local checkpoint, arguments already checked; `source` goes into the manifest."""
     ckpt = open_checkpoint(src)
     if not ckpt.tensors:
         raise ValueError(f"`{src}` holds no tensors")
     plan = plan_units([t.name for t in ckpt.tensors], unit=unit, blocks_per_unit=blocks_per_unit)
-    source["path"] = str(Path(src).resolve())
+    source = {**source, "path": str(Path(src).resolve())}
     source["files"] = [{"name": f.name, "size": f.stat().st_size} for f in ckpt.weight_files]
-    write_folder(ckpt, plan, out, dtype=out_dtype, progress=progress, source=source)
-    return out
+    return write_folder(ckpt, plan, out, dtype=dtype, progress=progress, source=source)
 
 
 def write_folder(

@@ -85,7 +85,7 @@ def converted(
     """
     from filelock import FileLock
 
-    from pylomin.convert import convert
+    from pylomin.convert import convert_local
 
     base = cache_root(cache_dir) / repo_id.replace("/", "--")
     ref = base / "refs" / (revision or "main")
@@ -99,8 +99,8 @@ def converted(
     with FileLock(str(base / f"{commit}.lock")):
         if not (out / fmt.MANIFEST_NAME).is_file():
             logger.info("converting `%s` (%s) into the cache at `%s`", repo_id, commit, out)
-            # By commit: the snapshot just fetched is found in the Hugging Face cache, not fetched again.
-            convert(repo_id, out, revision=commit, overwrite=out.exists(), progress=progress)
+            source: dict[str, object] = {"repo_id": repo_id, "revision": revision or "main", "commit": commit}
+            convert_local(src, out, source, progress=progress)
         ref.parent.mkdir(parents=True, exist_ok=True)
         ref.write_text(commit)
     return out

@@ -80,6 +80,7 @@ def test_load_by_repo_id_offline_converts_once(env: dict[str, str], repo: str, c
     converted = tmp_path / "pl-cache" / repo.replace("/", "--") / COMMIT
     manifest = json.loads((converted / "pylomin.json").read_text())
     assert manifest["source"]["repo_id"] == repo and manifest["source"]["commit"] == COMMIT
+    assert manifest["source"]["revision"] == "main"  # what was asked for; the commit is recorded beside it
     assert (tmp_path / "pl-cache" / repo.replace("/", "--") / "refs" / "main").read_text() == COMMIT
 
     # The second load resolves refs/main in pylomin's cache: no Hub, no conversion.
