@@ -86,3 +86,25 @@ class Custom(nn.Module):
 def ids(batch: int = 2, seq: int = 12, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(2, VOCAB, (batch, seq), generator=g)
+
+
+def mappings_of(prefix: str) -> list[dict[str, str]]:
+    """This process's `/proc/self/smaps` entries for files whose path starts with `prefix` (field -> value)."""
+    out: list[dict[str, str]] = []
+    current: dict[str, str] | None = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=5)
+            if "-" in head[0] and not head[0].endswith(":"):  # a mapping's header line
+                current = {} if len(head) == 6 and head[5].rstrip("\n").startswith(prefix) else None
+                if current is not None:
+                    out.append(current)
+            elif current is not None:
+                key, _, value = line.partition(":")
+                current[key] = value.strip()
+    return out
+
+
+def kib(value: str) -> int:
+    """Bytes of an smaps size field such as `"132 kB"`."""
+    return int(value.split()[0]) * 1024

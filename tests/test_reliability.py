@@ -273,8 +273,9 @@ def test_two_processes_share_the_page_cache(converted) -> None:
             model(models.ids())
         print("READY", flush=True)
         sys.stdin.readline()
-        fields = dict(line.split(":", 1) for line in open("/proc/self/smaps_rollup") if ":" in line)
-        print("SHARED_CLEAN", int(fields["Shared_Clean"].split()[0]) * 1024)
+        units = models.mappings_of({str(folder / fmt.UNITS_DIR)!r})
+        print("SHARED_CLEAN", sum(models.kib(m["Shared_Clean"]) for m in units), flush=True)
+        sys.stdin.readline()  # stay mapped until the other process has measured too
     """
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [
@@ -289,9 +290,12 @@ def test_two_processes_share_the_page_cache(converted) -> None:
     ]
     for p in procs:
         assert p.stdout is not None and p.stdout.readline().strip() == "READY"
-    shared = []
+    for p in procs:  # both measure while both are alive
+        assert p.stdin is not None
+        p.stdin.write("\n")
+        p.stdin.flush()
+    shared = [int(p.stdout.readline().split("SHARED_CLEAN")[1]) for p in procs if p.stdout is not None]
     for p in procs:
-        out, _ = p.communicate("\n", timeout=120)
-        shared.append(int(out.split("SHARED_CLEAN")[1]))
-    # Both map the same unit-file pages: shared, not copied (libraries are shared too, so >=).
+        p.communicate("\n", timeout=120)
+    # Both map the same unit-file pages: shared, not copied.
     assert min(shared) >= nbytes, (shared, nbytes)
