@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
+from tests import python
+
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def hf_cache(hub: Path, repo_id: str, files: Path, *, commit: str = COMMIT, bin_only: bool = False) -> None:
@@ -31,10 +29,7 @@ def hf_cache(hub: Path, repo_id: str, files: Path, *, commit: str = COMMIT, bin_
 
 def run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """Run `code` in a fresh interpreter: huggingface_hub reads HF_HUB_* when it is imported."""
-    full = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full, timeout=240
-    )
+    return python.run(code, env, timeout=240)
 
 
 @pytest.fixture
@@ -112,12 +107,8 @@ def test_unknown_repo_offline_is_a_clear_error(env: dict[str, str]) -> None:
 
 
 def test_cli_convert_by_repo_id_and_cache_commands(env: dict[str, str], tmp_path: Path) -> None:
-    cli = [sys.executable, "-m", "pylomin.cli"]
-    full = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
     out = tmp_path / "out"
-    res = subprocess.run(
-        [*cli, "convert", "org/tiny-bert", str(out), "--quiet"], capture_output=True, text=True, env=full
-    )
+    res = python.cli("convert", "org/tiny-bert", str(out), "--quiet", env=env)
     assert res.returncode == 0, res.stderr
     assert json.loads((out / "pylomin.json").read_text())["source"]["repo_id"] == "org/tiny-bert"
     assert (
@@ -126,11 +117,11 @@ def test_cli_convert_by_repo_id_and_cache_commands(env: dict[str, str], tmp_path
         ).returncode
         == 0
     )
-    res = subprocess.run([*cli, "cache", "ls"], capture_output=True, text=True, env=full)
+    res = python.cli("cache", "ls", env=env)
     assert res.returncode == 0 and f"org/tiny-bert  {COMMIT}" in res.stdout, res.stdout
-    res = subprocess.run([*cli, "cache", "rm", "org/tiny-bert"], capture_output=True, text=True, env=full)
+    res = python.cli("cache", "rm", "org/tiny-bert", env=env)
     assert res.returncode == 0 and "removed org/tiny-bert" in res.stdout
-    res = subprocess.run([*cli, "cache", "rm", "org/tiny-bert"], capture_output=True, text=True, env=full)
+    res = python.cli("cache", "rm", "org/tiny-bert", env=env)
     assert res.returncode == 2 and "is not in the pylomin cache" in res.stderr
 
 
@@ -140,17 +131,7 @@ def test_two_processes_convert_the_same_model_at_once(env: dict[str, str], tmp_p
         pylomin.load_streaming("org/tiny-bert", transformers.BertModel)
         print("OK")
     """
-    full = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(code)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=full,
-        )
-        for _ in range(2)
-    ]
+    procs = [python.start(code, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     outs = [p.communicate(timeout=240) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
     base = tmp_path / "pl-cache" / "org--tiny-bert"

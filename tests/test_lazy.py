@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import gc
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -15,7 +13,7 @@ from torch import nn
 import pylomin
 from pylomin import manifest as fmt
 from pylomin.memory import rss
-from tests import models
+from tests import models, python
 
 MiB = 2**20
 
@@ -136,7 +134,7 @@ def test_lazy_loading_without_prefetch_starts_no_thread() -> None:
         "with torch.no_grad(): m(torch.randn(1, 4))\n"
         "print([t.name for t in threading.enumerate()])\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = python.run(code, check=True).stdout
     assert out.strip() == "['MainThread']", out
 
 

@@ -20,12 +20,11 @@ import torch
 import transformers
 
 import pylomin
-from tests import models
+from tests import models, python
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 pylomin_ray = pytest.importorskip("pylomin.ray")
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _rows(batch: int = 10, seq: int = 12) -> list[dict[str, np.ndarray]]:
@@ -102,7 +101,7 @@ def through_ray(converted: Callable[..., Path], tmp_path_factory: pytest.TempPat
     with open(job, "wb") as f:
         pickle.dump((str(converted("bert")), str(corrupt), _rows()), f)
     code = f"from tests.test_ray import _driver; _driver({str(job)!r})"
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=200)
+    res = subprocess.run([sys.executable, "-c", code], cwd=python.ROOT, capture_output=True, text=True, timeout=200)
     assert res.returncode == 0, res.stderr[-5000:]
     with open(str(job) + ".out", "rb") as f:
         return {**pickle.load(f), "unit": unit.name}

@@ -9,8 +9,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -25,9 +23,8 @@ from safetensors.torch import save_file
 import pylomin
 from pylomin import manifest as fmt
 from pylomin.memory import rss
-from tests import models
+from tests import models, python
 
-ROOT = Path(__file__).resolve().parent.parent
 MiB = 2**20
 DOCUMENTED = (pylomin.PylominError, FileNotFoundError, ValueError)
 
@@ -63,11 +60,10 @@ def test_fuzzed_manifests_raise_only_documented_errors(
         node[data.draw(st.sampled_from(sorted(node)))] = data.draw(json_values)
         target.write_text(json.dumps(doc))
     try:
-        m = fmt.read(folder / "out")
+        fmt.read(folder / "out")
         pylomin.load_streaming(folder / "out", lambda: torch.nn.Module())  # binds nothing: keys mismatch
     except DOCUMENTED:
         return
-    assert m is not None
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -91,10 +87,12 @@ def test_fuzzed_sources_raise_only_documented_errors(
         assert not (folder / "out").exists()
 
 
-def big_checkpoint(folder: Path) -> Path:
+def big_checkpoint(folder: Path, units: int = 48) -> Path:
     g = torch.Generator().manual_seed(0)
-    save_file({f"layers.{i}.weight": torch.randn(512, 1024, generator=g) for i in range(48)}, folder / "m.safetensors")
-    return folder / "m.safetensors"  # 96 MiB, 48 units
+    save_file(
+        {f"layers.{i}.weight": torch.randn(512, 1024, generator=g) for i in range(units)}, folder / "m.safetensors"
+    )
+    return folder / "m.safetensors"  # 2 MiB a unit
 
 
 @pytest.mark.slow
@@ -109,12 +107,9 @@ def test_converter_killed_at_random_points_leaves_nothing_that_looks_complete(tm
         main(["convert", {str(src)!r}, {str(out)!r}, "--quiet", "--overwrite"])
         print(time.perf_counter() - t0, flush=True)
     """
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     def start() -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE, text=True, env=env
-        )
+        proc = python.start(code, stdout=subprocess.PIPE)
         assert proc.stdout is not None and proc.stdout.readline().strip() == "START"
         return proc
 
@@ -144,7 +139,7 @@ def test_converter_killed_at_random_points_leaves_nothing_that_looks_complete(tm
 
 
 def test_disk_full_is_a_clear_error_and_leaves_nothing(tmp_path: Path) -> None:
-    src = big_checkpoint(tmp_path)
+    src = big_checkpoint(tmp_path, units=2)
     code = f"""
         import resource, signal, sys
         from pylomin.cli import main
@@ -152,8 +147,7 @@ def test_disk_full_is_a_clear_error_and_leaves_nothing(tmp_path: Path) -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))  # per file: each unit is 2 MiB
         sys.exit(main(["convert", {str(src)!r}, {str(tmp_path / "out")!r}, "--quiet"]))
     """
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env)
+    res = python.run(code)
     assert res.returncode == 2, res.stderr
     assert (
         res.stderr.startswith("pylomin: error: ") and "Is the disk full" in res.stderr and "Traceback" not in res.stderr
@@ -266,7 +260,7 @@ def test_two_processes_share_the_page_cache(converted) -> None:
     nbytes = fmt.read(folder).nbytes
     code = f"""
         import sys, torch, transformers, pylomin
-        from tests import models
+        from tests import models, python
         # Everything resident and mapped for the process lifetime, page cache kept.
         model = pylomin.load_streaming({str(folder)!r}, transformers.LlamaForCausalLM, memory_budget="1GiB", drop_page_cache=False)
         with torch.no_grad():
@@ -277,17 +271,7 @@ def test_two_processes_share_the_page_cache(converted) -> None:
         print("SHARED_CLEAN", sum(models.kib(m["Shared_Clean"]) for m in units), flush=True)
         sys.stdin.readline()  # stay mapped until the other process has measured too
     """
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(code)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for _ in range(2)
-    ]
+    procs = [python.start(code, stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(2)]
     for p in procs:
         assert p.stdout is not None and p.stdout.readline().strip() == "READY"
     for p in procs:  # both measure while both are alive
