@@ -6,7 +6,6 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from pylomin import hub
 from pylomin import manifest as fmt
@@ -73,6 +72,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _run_model(args: argparse.Namespace) -> int:
+    import contextlib
     import time
 
     import torch
@@ -87,10 +87,11 @@ def _run_model(args: argparse.Namespace) -> int:
     )
     vocab = getattr(getattr(model, "config", None), "vocab_size", 1000)
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    prof = None
     with torch.no_grad():
         for i in range(args.runs):
             traced = i == args.runs - 1 and (args.trace or args.png)
-            with profile(model, trace=args.trace, png=args.png) if traced else _nothing() as prof:
+            with profile(model, trace=args.trace, png=args.png) if traced else contextlib.nullcontext() as prof:
                 t0 = time.perf_counter()
                 model(ids)
                 elapsed = time.perf_counter() - t0
@@ -99,12 +100,6 @@ def _run_model(args: argparse.Namespace) -> int:
         print(prof.verdict())
         print(f"trace: {args.trace or '-'}  timeline: {args.png or '-'}")
     return 0
-
-
-def _nothing() -> Any:
-    import contextlib
-
-    return contextlib.nullcontext(None)
 
 
 def _cache_ls(args: argparse.Namespace) -> int:

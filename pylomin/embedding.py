@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import TypeVar
 
 import torch
@@ -40,24 +39,23 @@ class ChunkedEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         # ids: [*], output: [*, D]
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
+        lo, hi = torch.aminmax(ids) if ids.numel() else (0, 0)  # one pass over the ids
+        if int(lo) < 0 or int(hi) >= self.num_embeddings:
             raise IndexError(f"index out of range in ChunkedEmbedding of {self.num_embeddings} rows")
         chunk_of = torch.div(ids, self.chunk_size, rounding_mode="floor")
         hit = torch.unique(chunk_of).tolist()
         if len(hit) == 1:  # the common case: no scatter needed
             return self.chunks[hit[0]](ids - hit[0] * self.chunk_size)
-        out = torch.empty(*ids.shape, self.embedding_dim, dtype=self._dtype(), device=ids.device)
+        out = torch.empty(
+            *ids.shape, self.embedding_dim, dtype=next(self.chunks[0].parameters()).dtype, device=ids.device
+        )
         for c in hit:
             mask = chunk_of == c
             out[mask] = self.chunks[c](ids[mask] - c * self.chunk_size)
         return out
 
-    def _dtype(self) -> torch.dtype:
-        return next(self.chunks[0].parameters()).dtype
-
     def extra_repr(self) -> str:
-        n = math.ceil(self.num_embeddings / self.chunk_size)
-        return f"{self.num_embeddings}, {self.embedding_dim}, chunk_size={self.chunk_size}, chunks={n}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, chunk_size={self.chunk_size}, chunks={len(self.chunks)}"
 
 
 def chunked_embedding(model: M, target_module_name: str, chunk_size: int) -> M:
