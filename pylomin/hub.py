@@ -87,7 +87,7 @@ def converted(
 
     from pylomin.convert import convert_local
 
-    base = cache_root(cache_dir) / repo_id.replace("/", "--")
+    base = _repo_dir(repo_id, cache_dir)
     ref = base / "refs" / (revision or "main")
     commit = revision if revision and _COMMIT.match(revision) else _read(ref)
     if commit and (base / commit / fmt.MANIFEST_NAME).is_file():
@@ -120,16 +120,23 @@ def list_cache(cache_dir: str | os.PathLike[str] | None = None) -> list[tuple[st
     for base in sorted(root.glob("*")) if root.is_dir() else []:
         for folder in sorted(base.iterdir()):
             if (folder / fmt.MANIFEST_NAME).is_file():
-                size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-                out.append((base.name.replace("--", "/", 1), folder.name, size))
+                out.append((base.name.replace("--", "/", 1), folder.name, _size(folder)))
     return out
 
 
 def remove_from_cache(repo_id: str, cache_dir: str | os.PathLike[str] | None = None) -> int:
     """Delete every converted revision of `repo_id`; returns the bytes freed."""
-    base = cache_root(cache_dir) / repo_id.replace("/", "--")
+    base = _repo_dir(repo_id, cache_dir)
     if not base.is_dir():
         raise FileNotFoundError(f"`{repo_id}` is not in the pylomin cache at `{base.parent}`")
-    size = sum(f.stat().st_size for f in base.rglob("*") if f.is_file())
+    size = _size(base)
     shutil.rmtree(base)
     return size
+
+
+def _repo_dir(repo_id: str, cache_dir: str | os.PathLike[str] | None) -> Path:
+    return cache_root(cache_dir) / repo_id.replace("/", "--")
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
