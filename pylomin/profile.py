@@ -83,15 +83,19 @@ class Profile:
         kind = "disk-bound" if idle > 0.10 else "compute-bound"
         return f"{kind}: {rate}, compute idle {idle:.0%} of {t['wall']:.3f} s ({t['read_bytes'] / 2**20:.0f} MiB read)"
 
+    def _threads(self) -> list[tuple[int, str]]:
+        """(thread id, "reader" or "compute") of every thread that recorded a span, in id order."""
+        readers = {s.thread for s in self.spans if s.kind == "read"}
+        return [(t, "reader" if t in readers else "compute") for t in sorted({s.thread for s in self.spans})]
+
     def chrome_trace(self) -> dict[str, Any]:
         """The spans as a Chrome trace (open in Perfetto or chrome://tracing)."""
         pid = os.getpid()
         t0 = min((s.start_ns for s in self.spans), default=0)
-        threads = sorted({s.thread for s in self.spans})
         events: list[dict[str, Any]] = []
-        for i, tid in enumerate(threads):
-            role = "reader" if any(s.thread == tid and s.kind == "read" for s in self.spans) else f"compute {i}"
-            events.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": role}})
+        for i, (tid, role) in enumerate(self._threads()):
+            name = role if role == "reader" else f"{role} {i}"
+            events.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": name}})
         for s in self.spans:
             events.append(
                 {
@@ -128,10 +132,10 @@ class Profile:
             "release": "tab:gray",
         }
         t0 = min((s.start_ns for s in self.spans), default=0)
-        threads = sorted({s.thread for s in self.spans})
+        threads = self._threads()
         fig, ax = plt.subplots(figsize=(12, 1 + 0.8 * len(threads)))
         labelled: set[str] = set()
-        for row, tid in enumerate(threads):
+        for row, (tid, _) in enumerate(threads):
             for kind, color in colors.items():
                 bars = [
                     ((s.start_ns - t0) / 1e6, s.seconds * 1e3) for s in self.spans if s.thread == tid and s.kind == kind
@@ -139,17 +143,10 @@ class Profile:
                 if bars:
                     ax.broken_barh(bars, (row - 0.4, 0.8), color=color, label=None if kind in labelled else kind)
                     labelled.add(kind)
-        readers = {s.thread for s in self.spans if s.kind == "read"}
-        ax.set_yticks(range(len(threads)), ["reader" if t in readers else "compute" for t in threads])
+        ax.set_yticks(range(len(threads)), [role for _, role in threads])
         ax.set_xlabel("ms")
         ax.set_title(self.verdict(), fontsize=9)
-        handles, labels = ax.get_legend_handles_labels()
-        ax.legend(
-            dict(zip(labels, handles, strict=False)).values(),
-            dict(zip(labels, handles, strict=False)).keys(),
-            loc="upper right",
-            fontsize=8,
-        )
+        ax.legend(loc="upper right", fontsize=8)  # each kind is labelled once above
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
