@@ -43,7 +43,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _cgroup  # noqa: E402
 import bench_prefetch as bp  # noqa: E402
-from _models import MODELS, ROOT, ensure_bert  # noqa: E402
+from _models import ENV, MODELS, ROOT, benchmark_bert, ensure_converted  # noqa: E402
 
 MIB = 2**20
 OUT = ROOT / "bench-out"
@@ -61,8 +61,6 @@ CONTENDERS = {
     "budget50": "pylomin, memory_budget=50 %",
 }
 PYLOMIN = ("prefetch0", "default", "leaf", "budget50")
-# glibc would keep freed activation buffers in per-thread arenas and blur every memory figure.
-ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "1048576")}
 
 
 @dataclass
@@ -336,23 +334,6 @@ def min_cap(spec: dict[str, Any], contender: str, r: dict[str, Any], work: Path,
     }
 
 
-def ensure_folder(src: Path, folder: Path, unit: str) -> Path:
-    if not (folder / "pylomin.json").is_file():
-        import pylomin
-
-        print(f"converting {src} -> {folder} ({unit} units, first run only)", flush=True)
-        pylomin.convert(src, folder, unit=unit, progress=False)  # type: ignore[arg-type]
-    return folder
-
-
-def ensure_gpt2(config: dict[str, int], name: str) -> Path:
-    src = MODELS / name
-    if not (src / "config.json").is_file():
-        print(f"building {src} (random weights, first run only) ...", flush=True)
-        bp.spawn("--child", "gpt2-build", "--src", str(src), "--config", json.dumps(config))
-    return src
-
-
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -573,17 +554,17 @@ def main() -> int:
 
     cases: list[Case] = []
     if not args.skip_bert:
-        src = ensure_bert(MODELS / "bert-small", **bp.BERT_SMALL) if args.quick else ensure_bert()
-        block = ensure_folder(src, MODELS / f"{src.name}-pylomin-block", "block")
-        leaf = ensure_folder(src, MODELS / f"{src.name}-pylomin-leaf", "leaf")
+        src = benchmark_bert(args.quick)
+        block = ensure_converted(src, MODELS / f"{src.name}-pylomin-block")
+        leaf = ensure_converted(src, MODELS / f"{src.name}-pylomin-leaf", "leaf")
         name = "small BERT" if args.quick else "BERT 1.6 GiB"
         cases.append(Case("bert", f"{name}, batch 1 x {SEQ}", src, block, leaf, 1, *runs(3, 3), caps=True))
         cases.append(Case("bert", f"{name}, batch 8 x {SEQ}", src, block, leaf, 8, *runs(2, 2)))
     if not args.skip_gpt2:
         name = "gpt2-small-random" if args.quick else "gpt2-large-random"
-        src = ensure_gpt2(bp.GPT2_SMALL if args.quick else bp.GPT2_LARGE, name)
-        block = ensure_folder(src, MODELS / f"{name}-pylomin", "block")
-        leaf = ensure_folder(src, MODELS / f"{name}-pylomin-leaf", "leaf")
+        src = bp.ensure_gpt2(bp.GPT2_SMALL if args.quick else bp.GPT2_LARGE, name)
+        block = ensure_converted(src, MODELS / f"{name}-pylomin")
+        leaf = ensure_converted(src, MODELS / f"{name}-pylomin-leaf", "leaf")
         title = f"{'small GPT-2' if args.quick else 'GPT-2-large-sized'}, generate() {NEW_TOKENS} from {PROMPT_TOKENS}"
         cases.append(Case("gpt2", title, src, block, leaf, 1, *runs(2, 1)))
 

@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 MiB = 2**20
 SLACK = 64 * MiB  # allowed above the largest tensor
-SMALL_BERT = dict(vocab_size=30522, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
 
 
 def child_convert(src: Path) -> None:
@@ -166,9 +165,9 @@ def main() -> None:
 
 def run(quick: bool) -> None:
     """Build the checkpoints if missing, measure, and print the table."""
-    from _models import MODELS, ensure_bert
+    from _models import benchmark_bert
 
-    src = ensure_bert(MODELS / "bert-small", **SMALL_BERT) if quick else ensure_bert()
+    src = benchmark_bert(quick)
     folders = {"safetensors": src, "bin": ensure_bin(src)}
     name, largest = largest_tensor(src / "model.safetensors")
     size = (src / "model.safetensors").stat().st_size

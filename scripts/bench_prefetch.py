@@ -26,14 +26,13 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _models import MODELS, ensure_bert  # noqa: E402
+from _models import ENV, MODELS, benchmark_bert, ensure_converted  # noqa: E402
 
 MIB = 2**20
 SEQ = 128
 BATCHES = (1, 8)
 PROMPT_TOKENS = NEW_TOKENS = 32
 PREFETCH_BYTES = 256 * MIB  # load_streaming's default `prefetch_bytes`
-BERT_SMALL = dict(vocab_size=30522, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
 GPT2_LARGE = dict(n_embd=1280, n_layer=36, n_head=20, vocab_size=50257, n_positions=1024)
 GPT2_SMALL = {**GPT2_LARGE, "n_embd": 256, "n_layer": 4, "n_head": 4}
 BUDGETS = (0.0, 0.25, 0.5, 1.0)
@@ -188,21 +187,19 @@ def gpt2_child(src: Path, folder: Path, budget: int | None, runs: int) -> dict[s
 
 
 def spawn(*args: str) -> dict[str, Any]:
-    # glibc would keep freed activation buffers in per-thread arenas and blur every memory figure.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "1048576")}
-    res = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
+    res = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=ENV)
     if res.returncode != 0:
         raise SystemExit(f"child {' '.join(args)} failed:\n{res.stderr}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def ensure_converted(src: Path, folder: Path) -> Path:
-    if not (folder / "pylomin.json").is_file():
-        import pylomin
-
-        print(f"converting {src} -> {folder}", flush=True)
-        pylomin.convert(src, folder, unit="block", progress=False)
-    return folder
+def ensure_gpt2(config: dict[str, int], name: str) -> Path:
+    """The random-weight GPT-2 `name` under models/, built (in a child process) on first use."""
+    src = MODELS / name
+    if not (src / "config.json").is_file():
+        print(f"building {src} (random weights, first run only) ...", flush=True)
+        spawn("--child", "gpt2-build", "--src", str(src), "--config", json.dumps(config))
+    return src
 
 
 def part_a(src: Path, runs: int) -> None:
@@ -243,10 +240,7 @@ def part_a(src: Path, runs: int) -> None:
 
 
 def part_b(config: dict[str, int], name: str, runs: int) -> None:
-    src = MODELS / name
-    if not (src / "config.json").is_file():
-        print(f"building {src} (random weights, first run only) ...", flush=True)
-        spawn("--child", "gpt2-build", "--src", str(src), "--config", json.dumps(config))
+    src = ensure_gpt2(config, name)
     folder = ensure_converted(src, MODELS / f"{name}-pylomin")
     from pylomin import manifest
 
@@ -299,7 +293,7 @@ def main() -> int:
         print(json.dumps(res))
         return 0
     if not args.skip_bert:
-        src = ensure_bert(MODELS / "bert-small", **BERT_SMALL) if args.quick else ensure_bert()
+        src = benchmark_bert(args.quick)
         part_a(src, args.runs)
     if not args.skip_gpt2:
         if args.quick:

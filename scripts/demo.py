@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _models import MODELS, ensure_bert  # noqa: E402
+from _models import ENV, MODELS, ensure_bert  # noqa: E402
 
 MODES = {
     "in memory (transformers)": ["memory"],
@@ -101,8 +101,6 @@ def main() -> int:
         f"{os.cpu_count()} CPUs; torch threads default"
     )
     rows = []
-    # glibc would keep freed activation buffers in per-thread arenas and blur every memory figure.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "1048576")}
     with tempfile.TemporaryDirectory() as tmp:
         outputs = {}
         for label, mode in MODES.items():
@@ -121,7 +119,7 @@ def main() -> int:
                 "--seq",
                 str(args.seq),
             ]
-            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            res = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
             if res.returncode != 0:
                 print(res.stderr, file=sys.stderr)
                 return 1
