@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -67,4 +68,8 @@ def medium_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def open_fds() -> Callable[[], int]:
-    return lambda: len(os.listdir("/proc/self/fd"))
+    def count() -> int:
+        gc.collect()  # files that garbage of earlier tests still holds close now, not between two counts
+        return len(os.listdir("/proc/self/fd"))
+
+    return count

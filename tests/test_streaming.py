@@ -140,9 +140,10 @@ def test_exception_inside_forward_leaves_model_usable(hf_dir, converted) -> None
 
 
 def test_unload_removes_hooks_and_closes_files(converted, open_fds) -> None:
+    folder = converted("gpt2")
     before = open_fds()
-    model = pylomin.load_streaming(converted("gpt2"), transformers.GPT2LMHeadModel)
-    assert open_fds() == before + len(fmt.read(converted("gpt2")).units)
+    model = pylomin.load_streaming(folder, transformers.GPT2LMHeadModel)
+    assert open_fds() == before + len(fmt.read(folder).units)
     assert pylomin.unload_(model) is model
     assert open_fds() == before
     assert type(model) is transformers.GPT2LMHeadModel
