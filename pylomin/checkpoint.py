@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import mmap
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -14,7 +13,6 @@ import torch
 
 from pylomin.errors import PylominError
 from pylomin.manifest import SAFETENSORS_DTYPES, decode_header
-from pylomin.memory import libc
 
 logger = logging.getLogger(__name__)
 
@@ -161,11 +159,24 @@ def _index_torch(path: Path) -> tuple[list[SourceTensor], dict[str, str]]:
     return ckpt.tensors, ckpt.aliases
 
 
+_STORABLE = frozenset(SAFETENSORS_DTYPES.values())
+
+
 def from_tensors(state: dict[str, torch.Tensor], origin: Path, *, mapped: bool = False) -> Checkpoint:
     """A checkpoint over tensors already in memory (or mapped by torch.load); shared views become aliases."""
     ckpt = Checkpoint(tensors=[])
     first_view: dict[tuple[object, ...], str] = {}
     for name, t in state.items():
+        if t.layout != torch.strided or t.is_quantized:
+            raise PylominError(
+                f"tensor `{name}` in `{origin}` is a {t.layout} tensor{' (quantized)' if t.is_quantized else ''}; "
+                "pylomin stores dense tensors only: re-save it with `.to_dense()` (or `.dequantize()`)"
+            )
+        if t.dtype not in _STORABLE:
+            raise PylominError(
+                f"tensor `{name}` in `{origin}` has dtype `{t.dtype}`, which safetensors cannot store; "
+                f"re-save it in one of: {', '.join(sorted(str(d).removeprefix('torch.') for d in _STORABLE))}"
+            )
         # Two names for the same view of the same storage are one tensor (tied weights).
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
         if t.numel() and key in first_view:
@@ -190,23 +201,6 @@ def _as_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise PylominError(f"`{path}` does not hold a state dict (a dict of tensor names to tensors)")
     return {str(k): v for k, v in obj.items()}
-
-
-_PAGE = mmap.PAGESIZE
-_MADV_DONTNEED = 4
-
-
-def release_pages(ptr: int, nbytes: int) -> None:
-    """Drop the mapped pages of `[ptr, ptr + nbytes)`, part of a private read-only file mapping.
-
-    The mapping is private and untouched, so a later access simply reads the file again; without
-    this, converting a `.bin` would keep every page it read resident.
-    """
-    if nbytes <= 0:
-        return
-    begin = ptr // _PAGE * _PAGE
-    end = -(-(ptr + nbytes) // _PAGE) * _PAGE
-    libc.madvise(begin, end - begin, _MADV_DONTNEED)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

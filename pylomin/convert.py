@@ -16,11 +16,10 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from pylomin import hub
+from pylomin import _os, hub
 from pylomin import manifest as fmt
-from pylomin.checkpoint import Checkpoint, SourceTensor, open_checkpoint, release_pages
+from pylomin.checkpoint import Checkpoint, SourceTensor, open_checkpoint
 from pylomin.errors import PylominError
-from pylomin.memory import libc
 
 logger = logging.getLogger(__name__)
 
@@ -73,12 +72,13 @@ def convert(
     if out_dtype is not None and not out_dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point dtype, got `{out_dtype}`")
     out = Path(out_dir)
-    _check_out(out, overwrite)
     source: dict[str, object] = {}
     if hub.is_repo_id(src):
         repo_id = os.fspath(src)
         src = hub.snapshot(repo_id, revision)
         source = {"repo_id": repo_id, "revision": revision or "main", "commit": src.name}
+    check_apart(Path(src), out)
+    check_out(out, overwrite)
     convert_local(src, out, source, dtype=out_dtype, unit=unit, blocks_per_unit=blocks_per_unit, progress=progress)
     return out
 
@@ -144,9 +144,33 @@ def write_folder(
 _SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an `out` that exists and is not empty, unless `overwrite` and it is an earlier pylomin output.
+
+    `overwrite` never replaces another folder (a model, a project): only one with a `pylomin.json`.
+    """
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"`{out}` exists and is a file; choose a folder name for the converted model")
+    if not overwrite:
         raise FileExistsError(f"`{out}` exists and is not empty; pass --overwrite (overwrite=True) to replace it")
+    if not (out / fmt.MANIFEST_NAME).is_file():
+        raise FileExistsError(
+            f"`{out}` is not a pylomin output (it has no {fmt.MANIFEST_NAME}); --overwrite only replaces an earlier "
+            "conversion, never another folder: remove it yourself or choose another OUT_DIR"
+        )
+
+
+def check_apart(src: Path, out: Path) -> None:
+    """Refuse an `out` that is the source, inside it, or holds it: writing there would destroy the checkpoint."""
+    s, o = src.resolve(), out.resolve()
+    if s == o or o.is_relative_to(s) or s.is_relative_to(o):
+        where = "is the source" if s == o else "is inside the source" if o.is_relative_to(s) else "holds the source"
+        raise ValueError(
+            f"OUT_DIR `{out}` {where} `{src}`: converting there would replace or change the checkpoint being read; "
+            f"choose an OUT_DIR outside it, e.g. `{src.name}-pylomin` beside it"
+        )
 
 
 def plan_units(names: Iterable[str], *, unit: Granularity = "block", blocks_per_unit: int = 1) -> dict[str, list[str]]:
@@ -296,13 +320,48 @@ def _chunks(t: SourceTensor, out_dtype: torch.dtype, handles: dict[Path, Any], b
                 piece = torch.frombuffer(buf[:n], dtype=t.dtype).to(out_dtype)
                 yield memoryview(piece.view(torch.uint8).numpy())  # type: ignore[arg-type]
         return
-    flat = t.tensor.reshape(-1) if t.tensor.is_contiguous() else t.tensor.contiguous().reshape(-1)
-    for start in range(0, numel, step):
-        src = flat[start : start + step]
-        piece = src.to(out_dtype) if out_dtype != t.dtype else src
-        yield memoryview(piece.view(torch.uint8).numpy())  # type: ignore[arg-type]
-        if t.mapped:
-            release_pages(src.data_ptr(), src.numel() * src.element_size())
+    x = t.tensor
+    if x.is_contiguous():
+        flat = x.reshape(-1)
+        for start in range(0, numel, step):
+            src = flat[start : start + step]
+            yield _as_bytes(src, out_dtype)
+            if t.mapped:  # `src` views the mapped file itself: its pages can go
+                _os.drop_file_pages(src.data_ptr(), src.nbytes)
+        return
+    # A view (transposed, sliced, expanded) is copied a block of rows at a time, so the copy stays
+    # within a chunk. Its rows interleave in the storage, so the pages it spans are dropped once, after
+    # the last block, never those of a copy: on heap memory MADV_DONTNEED would zero live bytes.
+    for block in _row_blocks(x, step):
+        yield _as_bytes(block.contiguous(), out_dtype)
+    if t.mapped:
+        _os.drop_file_pages(x.data_ptr(), _span(x))
+
+
+def _row_blocks(x: torch.Tensor, step: int) -> Iterable[torch.Tensor]:
+    """Slices of `x` along its leading dims, in order, each at most `step` elements (one element at the least)."""
+    if x.numel() <= step or x.dim() == 0:
+        yield x
+        return
+    row = x[0].numel()
+    if row > step:
+        for i in range(x.shape[0]):
+            yield from _row_blocks(x[i], step)
+        return
+    rows = step // row
+    for i in range(0, x.shape[0], rows):
+        yield x[i : i + rows]
+
+
+def _span(x: torch.Tensor) -> int:
+    """Bytes of storage from the first to the last element of a view (strides are never negative in torch)."""
+    return (sum((n - 1) * s for n, s in zip(x.shape, x.stride(), strict=True)) + 1) * x.element_size()
+
+
+def _as_bytes(x: torch.Tensor, dtype: torch.dtype) -> memoryview:
+    # x: contiguous; the bytes of x cast to `dtype`
+    piece = x.to(dtype) if x.dtype != dtype else x
+    return memoryview(piece.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def _out_dtype(t: SourceTensor, dtype: torch.dtype | None) -> torch.dtype:
@@ -328,7 +387,7 @@ def _fsync_dir(path: Path) -> None:
 def _replace(tmp: Path, out: Path) -> None:
     if not out.exists():
         os.rename(tmp, out)
-    elif _exchange(tmp, out):
+    elif _os.exchange(tmp, out):
         shutil.rmtree(tmp, ignore_errors=True)  # holds the old folder now
     else:  # no atomic exchange here: a crash between the two renames leaves no OUT_DIR (never a partial one)
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}{_TMP_MARK}{os.getpid()}-old-", dir=out.parent))
@@ -336,15 +395,6 @@ def _replace(tmp: Path, out: Path) -> None:
         os.rename(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(out.parent)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    fn = getattr(libc, "renameat2", None)
-    if fn is None:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def _remove_stale_temps(out: Path) -> None:

@@ -11,10 +11,10 @@ from typing import TypeVar
 
 from torch import nn
 
+from pylomin import _os
 from pylomin import manifest as fmt
 from pylomin.checkpoint import from_tensors
-from pylomin.convert import _check_out, write_folder
-from pylomin.memory import trim_freed_memory
+from pylomin.convert import check_out, write_folder
 from pylomin.streaming import attach_
 
 M = TypeVar("M", bound=nn.Module)
@@ -81,7 +81,7 @@ def lazy_loading(
         folder, remove = Path(tempfile.mkdtemp(prefix="pylomin-lazy-")), True
     else:
         folder, remove = Path(offload_dir), False
-        _check_out(folder, overwrite=False)
+        check_out(folder, overwrite=False)
     try:
         manifest = write_folder(ckpt, plan, folder, progress=False, source={"path": "<memory>"})
     except BaseException:
@@ -101,7 +101,7 @@ def lazy_loading(
         prefetch_bytes=prefetch_bytes,
         drop_page_cache=drop_page_cache,
     )
-    trim_freed_memory()  # the parameters that lived in malloc's heap (below its mmap threshold) go back too
+    _os.trim_freed_memory()  # the parameters that lived in malloc's heap (below its mmap threshold) go back too
     return model
 
 

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import ctypes
 import threading
 from dataclasses import dataclass
 from types import TracebackType
 
-# The C library, loaded once for the whole package. ctypes releases the GIL for the length of each
-# call, so a madvise that blocks on the disk lets the other Python threads run.
-libc = ctypes.CDLL(None, use_errno=True)
-libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+from pylomin import _os
 
 
 @dataclass(frozen=True)
@@ -130,22 +126,4 @@ def release_freed_memory_eagerly(threshold: int = 2**20) -> bool:
     resident at the peak; at 128 KiB (glibc's own starting value, kept fixed) every such tensor is
     its own mapping, and the page faults of fresh mappings make the plain forward ~15 % slower.
     """
-    try:
-        return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD
-    except AttributeError:
-        return False
-
-
-def trim_freed_memory() -> bool:
-    """Return the free pages of the C heap to the kernel now (glibc `malloc_trim(0)`).
-
-    Freed blocks below the mmap threshold stay in malloc's heaps and keep counting as resident;
-    after dropping a model's parameters this gives back whole free pages among them (a default
-    glibc process: 11.8 -> 6.4 MiB above baseline after `lazy_loading` on the 1.6 GiB BERT).
-    Returns False where glibc is not the C library.
-    """
-    try:
-        libc.malloc_trim(0)
-        return True
-    except AttributeError:
-        return False
+    return _os.set_mmap_threshold(threshold)

@@ -13,13 +13,11 @@ from pathlib import Path
 
 import torch
 
+from pylomin import _os
 from pylomin import manifest as fmt
 from pylomin.errors import PylominError
-from pylomin.memory import libc
 
 logger = logging.getLogger(__name__)
-_PAGE = mmap.PAGESIZE
-_MADV_POPULATE_READ = 22  # Linux >= 5.14: fault pages in and map them, without touching them from Python
 
 
 class Store:
@@ -97,8 +95,8 @@ class Store:
         m = self._maps.get(file)
         if m is None or length <= 0:
             return
-        begin, end = _page_range(offset, length, len(m))
-        m.madvise(mmap.MADV_RANDOM, begin, end - begin)
+        begin, end = _os.page_range(offset, length, len(m))
+        m.madvise(_os.MADV_RANDOM, begin, end - begin)
 
     def prefetch(self, file: str, offset: int, length: int) -> None:
         """Make a range of a unit file resident before it is used (called from the reader thread).
@@ -110,11 +108,11 @@ class Store:
         m = self._maps.get(file)
         if m is None or length <= 0:
             return
-        begin, end = _page_range(offset, length, len(m))
+        begin, end = _os.page_range(offset, length, len(m))
         if self._populate_ok:
-            if libc.madvise(self._addrs[file] + begin, end - begin, _MADV_POPULATE_READ) == 0:
+            err = _os.madvise(self._addrs[file] + begin, end - begin, _os.MADV_POPULATE_READ)
+            if err == 0:
                 return
-            err = ctypes.get_errno()
             if err != errno.EINVAL:  # EINVAL: kernel without MADV_POPULATE_READ; read instead
                 raise OSError(err, f"{os.strerror(err)} while reading `{self._paths[file]}`")
             self._populate_ok = False
@@ -138,8 +136,8 @@ class Store:
         m = self._maps.get(file)
         if m is None or length <= 0:
             return
-        begin, end = _page_range(offset, length, len(m))
-        m.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+        begin, end = _os.page_range(offset, length, len(m))
+        m.madvise(_os.MADV_DONTNEED, begin, end - begin)
         if self.drop_page_cache:
             fd = os.open(self._paths[file], os.O_RDONLY)
             try:
@@ -176,12 +174,6 @@ class Store:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _page_range(offset: int, length: int, limit: int) -> tuple[int, int]:
-    begin = offset // _PAGE * _PAGE
-    end = min(-(-(offset + length) // _PAGE) * _PAGE, limit)
-    return begin, end
 
 
 def verify(folder: str | os.PathLike[str]) -> fmt.Manifest:

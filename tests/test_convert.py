@@ -182,12 +182,12 @@ def test_shared_storage_in_bin_is_stored_once(tmp_path: Path) -> None:
 
 def test_refuses_non_empty_out_dir_unless_overwrite(hf_dir, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    out.mkdir()
+    pylomin.convert(hf_dir("bert"), out, progress=False)
     (out / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError, match="not empty.*--overwrite"):
         pylomin.convert(hf_dir("bert"), out, progress=False)
     assert (out / "keep.txt").is_file()
-    pylomin.convert(hf_dir("bert"), out, overwrite=True, progress=False)
+    pylomin.convert(hf_dir("bert"), out, overwrite=True, progress=False)  # an earlier output: replaced
     assert not (out / "keep.txt").exists() and (out / fmt.MANIFEST_NAME).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
