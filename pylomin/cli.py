@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -121,7 +122,15 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args))
+        status = int(args.func(args))
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return status
+    except BrokenPipeError:
+        # The reader went away (`pylomin info DIR | head -1`): stop quietly, as git and coreutils do (they
+        # die of SIGPIPE, which a shell reports as 141). stdout now goes to /dev/null, so the flush at
+        # exit cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except _USER_ERRORS as e:
         msg = str(e).splitlines()[0] if isinstance(e, (FileNotFoundError, FileExistsError)) else str(e)
         print(f"{parser.prog}: error: {msg}", file=sys.stderr)
