@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import pylomin
 from pylomin import manifest as fmt
@@ -87,7 +88,7 @@ def test_roundtrip_every_format(name: str, layout: str, tmp_path: Path) -> None:
         assert "config.json" in fmt.read(out).extra_files and (out / "config.json").is_file()
 
 
-def test_tensors_are_aligned_and_files_are_plain_safetensors(converted) -> None:
+def test_tensors_are_aligned_and_files_are_plain_safetensors(hf_dir, converted) -> None:
     folder = converted("llama")
     m = fmt.read(folder)
     for unit in m.units:
@@ -95,6 +96,22 @@ def test_tensors_are_aligned_and_files_are_plain_safetensors(converted) -> None:
             assert info.offset % info.torch_dtype.itemsize == 0, name
     for unit in m.units:
         assert all(info.offset % 64 == 0 for info in unit.tensors.values() if info.length % 64 == 0), unit.name
+    # Plain safetensors reads each unit file, finds every tensor at the manifest's offset, and gets the
+    # source checkpoint's values: the offsets checked above are where the data really is.
+    source = load_file(hf_dir("llama") / "model.safetensors")
+    got: dict[str, torch.Tensor] = {}
+    for unit in m.units:
+        data = (folder / unit.file).read_bytes()
+        (header,) = struct.unpack("<Q", data[:8])
+        assert (8 + header) % fmt.DATA_ALIGN == 0, f"`{unit.file}`: data starts at byte {8 + header}"
+        tensors = load_file(folder / unit.file)
+        assert set(tensors) == set(unit.tensors), unit.file
+        for name, info in unit.tensors.items():
+            raw = tensors[name].reshape(-1).view(torch.uint8).numpy().tobytes()
+            assert data[info.offset : info.offset + info.length] == raw, f"`{name}` is not at offset {info.offset}"
+        got.update(tensors)
+    assert_same(got, {k: source[k] for k in got})
+    assert set(source) <= set(got) | set(m.aliases)
 
 
 def test_unit_plan() -> None:
