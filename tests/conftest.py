@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gc
 import os
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,36 @@ def open_fds() -> Callable[[], int]:
         return len(os.listdir("/proc/self/fd"))
 
     return count
+
+
+def _on_memory_fs(path: Path) -> bool:
+    """Whether `path` lies on tmpfs or ramfs: its pages are never read from a disk and cannot be dropped."""
+    best, kind = "", ""
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            _, mount, fstype = line.split()[:3]
+            mount = mount.replace("\\040", " ")
+            inside = str(path) == mount or str(path).startswith(mount.rstrip("/") + "/")
+            if inside and len(mount) >= len(best):
+                best, kind = mount, fstype
+    return kind in ("tmpfs", "ramfs")
+
+
+@pytest.fixture
+def disk_dir(tmp_path: Path) -> Iterator[Path]:
+    """A temporary folder on a disk file system, for checks of the page cache and of bytes read from disk.
+
+    `tmp_path` where it is on one; else a folder in /var/tmp (on the root file system of a usual
+    machine even where /tmp is tmpfs); else the test is skipped, with the reason in the summary.
+    """
+    if not _on_memory_fs(tmp_path.resolve()):
+        yield tmp_path
+        return
+    if os.path.isdir("/var/tmp") and os.access("/var/tmp", os.W_OK) and not _on_memory_fs(Path("/var/tmp").resolve()):
+        folder = Path(tempfile.mkdtemp(prefix="pylomin-test-", dir="/var/tmp"))
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return
+    pytest.skip(f"`{tmp_path}` and /var/tmp are memory file systems: no page cache or disk reads to measure")
