@@ -3,7 +3,10 @@
 Each capped run gets its own cgroup, created under this process's memory cgroup (so whatever limit
 already applies to us still applies to the child), removed once the child has exited. The child
 joins the cgroup itself before it execs the command (`sh -c 'echo $$ > cgroup.procs; exec ...'`),
-so every page it allocates or reads in is charged there.
+so every page it allocates or reads in is charged there. A page is charged to the cgroup that first
+read it, and one that an earlier run left in the page cache is free to a capped run: so every capped
+run starts with the whole page cache dropped (`sync; echo 3 > /proc/sys/vm/drop_caches`), the
+interpreter's and the libraries' files included, not only the model's.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MOUNT = Path("/sys/fs/cgroup/memory")
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 _JOIN = 'echo $$ > "$0" && exec "$@"'
 
 
@@ -38,6 +42,8 @@ def unavailable() -> str | None:
         return f"no cgroup v1 memory controller at {MOUNT}"
     if os.geteuid() != 0:
         return "creating cgroups needs root"
+    if not os.access(DROP_CACHES, os.W_OK):
+        return f"cannot write {DROP_CACHES}: a cap would not bind on pages already in the page cache"
     probe = _own_cgroup() / f"pylomin-bench-{os.getpid()}-probe"
     try:
         probe.mkdir()
@@ -57,6 +63,12 @@ class CappedRun:
     max_usage: int  # bytes charged to the cgroup at the peak
 
 
+def _drop_page_cache() -> None:
+    """`sync; echo 3 > /proc/sys/vm/drop_caches`: dirty pages written back, then every clean cached page dropped."""
+    os.sync()
+    DROP_CACHES.write_text("3")
+
+
 def _remove(folder: Path, attempts: int = 50) -> None:
     for _ in range(attempts):
         try:
@@ -70,7 +82,10 @@ def _remove(folder: Path, attempts: int = 50) -> None:
 
 
 def run_capped(cmd: list[str], limit: int, timeout: float, env: dict[str, str] | None = None) -> CappedRun:
-    """Run `cmd` with at most `limit` bytes of memory (RAM + swap) charged to it, killed after `timeout` s."""
+    """Run `cmd` with at most `limit` bytes of memory (RAM + swap) charged to it, killed after `timeout` s.
+
+    The page cache is dropped first, so that whatever the command reads is charged to it.
+    """
     folder = _own_cgroup() / f"pylomin-bench-{os.getpid()}"
     folder.mkdir()
     proc = None
@@ -79,6 +94,7 @@ def run_capped(cmd: list[str], limit: int, timeout: float, env: dict[str, str] |
         memsw = folder / "memory.memsw.limit_in_bytes"
         if memsw.exists():  # no swapping out instead of failing
             memsw.write_text(str(limit))
+        _drop_page_cache()
         t0 = time.perf_counter()
         proc = subprocess.Popen(
             ["sh", "-c", _JOIN, str(folder / "cgroup.procs"), *cmd],
