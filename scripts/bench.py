@@ -38,14 +38,29 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _cgroup  # noqa: E402
-import bench_prefetch as bp  # noqa: E402
-from _models import ENV, MODELS, ROOT, benchmark_bert, ensure_converted  # noqa: E402
+from _common import (  # noqa: E402
+    ENV,
+    GPT2_LARGE,
+    GPT2_SMALL,
+    MIB,
+    MODELS,
+    ROOT,
+    benchmark_bert,
+    cold_read_bandwidth,
+    ensure_converted,
+    ensure_gpt2,
+    evict,
+    forward_bytes,
+    unit_files,
+)
 
-MIB = 2**20
+if TYPE_CHECKING:
+    from pylomin.memory import PeakRss, Rss
+
 OUT = ROOT / "bench-out"
 SEQ = 128
 PROMPT_TOKENS = NEW_TOKENS = 32
@@ -104,14 +119,12 @@ class Case:
 # --- children -----------------------------------------------------------------------------------------
 
 
-def contender_files(spec: dict[str, Any], contender: str, offload: Path | None) -> list[Path]:
+def contender_files(spec: dict[str, Any], contender: str, offload: Path) -> list[Path]:
     """The files a contender reads its weights from: what a cold run evicts first."""
     if contender in ("memory", "accelerate"):
-        files = sorted(Path(spec["src"]).glob("*.safetensors"))
-        if offload is not None:
-            files += sorted(p for p in offload.rglob("*") if p.is_file())
-        return files
-    return bp.unit_files(Path(spec["leaf" if contender == "leaf" else "block"]))
+        offloaded = sorted(p for p in offload.rglob("*") if p.is_file())
+        return sorted(Path(spec["src"]).glob("*.safetensors")) + offloaded
+    return unit_files(Path(spec["leaf" if contender == "leaf" else "block"]))
 
 
 def load_accelerate(cls: Any, src: Path, offload: Path, api: str) -> tuple[Any, str]:
@@ -148,125 +161,200 @@ def load_accelerate(cls: Any, src: Path, offload: Path, api: str) -> tuple[Any, 
     return model.eval(), f"accelerate.disk_offload(init_empty_weights() model, execution_device='cpu'){refused}"
 
 
-def child(spec: dict[str, Any], contender: str, offload: Path, trial: bool) -> dict[str, Any]:
-    """Load the contender, time it warm then cold; with `trial`, only load and run twice (for the cap search)."""
+@dataclass
+class Job:
+    """One contender on one case's input, as a child process runs it."""
+
+    spec: dict[str, Any]
+    contender: str
+    cls: Any  # the transformers model class
+    x: Any  # input ids: [batch, seq]
+    kw: dict[str, Any]  # generate()'s options
+    offload: Path
+
+    @property
+    def generate(self) -> bool:
+        return self.spec["kind"] == "gpt2"
+
+    @property
+    def full_tokens(self) -> int:
+        """New tokens per timed run when nothing is cut short: all of them for generate(), 1 for a forward."""
+        return self.spec["new_tokens"] if self.generate else 1
+
+
+@dataclass
+class Phase:
+    """What a child measured warm or cold."""
+
+    times: list[float]  # seconds per timed run
+    tokens: int  # new tokens per timed run
+    peak: dict[str, int]  # peak RSS above the baseline: total, anon, file
+    load_s: float  # loading the model the phase timed
+    first_s: float  # its untimed first run, 2 tokens
+    note: str | None = None  # why it was cut short
+    api: str = ""  # how accelerate loaded the model
+
+
+def prepare(spec: dict[str, Any], contender: str, offload: Path) -> Job:
+    """Import what the contender needs and draw its input, all before the RSS baseline."""
     import torch
     import transformers
-
-    import pylomin
-    from pylomin.memory import PeakRss, Rss, rss
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     cls = getattr(transformers, spec["cls"])  # resolves the lazy import before the baseline
     if contender == "accelerate":
         import accelerate  # noqa: F401  (before the baseline, like the other libraries)
-    src = Path(spec["src"])
-    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    vocab = json.loads((Path(spec["src"]) / "config.json").read_text())["vocab_size"]
     torch.manual_seed(0)
     x = torch.randint(0, vocab, (spec["batch"], spec["seq"]))
     gen = spec["kind"] == "gpt2"
     kw: dict[str, Any] = dict(attention_mask=torch.ones_like(x), do_sample=False, pad_token_id=0) if gen else {}
-    api = ""
+    return Job(spec, contender, cls, x, kw, offload)
 
-    def load(drop: bool) -> Any:
-        nonlocal api
-        if contender == "memory":
-            return cls.from_pretrained(src, dtype=torch.float32).eval()
-        if contender == "accelerate":
-            model, api = load_accelerate(cls, src, offload, spec["accelerate_api"])
-            return model
-        return pylomin.load_streaming(
-            spec["leaf" if contender == "leaf" else "block"],
-            cls,
-            drop_page_cache=drop,
-            prefetch=0 if contender == "prefetch0" else 2,
-            memory_budget=spec["budget"] if contender == "budget50" else None,
-        )
 
-    def run(model: Any, tokens: int) -> Any:
-        if gen:
-            return model.generate(x, max_new_tokens=tokens, min_new_tokens=tokens, **kw)
-        return model(x).last_hidden_state
+def load(job: Job, drop: bool) -> tuple[Any, str]:
+    """The contender's model, and how accelerate loaded it ("" for the others)."""
+    import torch
 
-    def clock(fn: Any, *args: Any) -> tuple[Any, float]:
-        t0 = time.perf_counter()
-        value = fn(*args)
-        return value, time.perf_counter() - t0
+    import pylomin
 
+    src = Path(job.spec["src"])
+    if job.contender == "memory":
+        return job.cls.from_pretrained(src, dtype=torch.float32).eval(), ""
+    if job.contender == "accelerate":
+        return load_accelerate(job.cls, src, job.offload, job.spec["accelerate_api"])
+    model = pylomin.load_streaming(
+        job.spec["leaf" if job.contender == "leaf" else "block"],
+        job.cls,
+        drop_page_cache=drop,
+        prefetch=0 if job.contender == "prefetch0" else 2,
+        memory_budget=job.spec["budget"] if job.contender == "budget50" else None,
+    )
+    return model, ""
+
+
+def run(job: Job, model: Any, tokens: int) -> Any:
+    """One forward's last hidden state (BERT), or a greedy generate() of `tokens` new tokens (GPT-2)."""
+    if job.generate:
+        return model.generate(job.x, max_new_tokens=tokens, min_new_tokens=tokens, **job.kw)
+    return model(job.x).last_hidden_state
+
+
+def clock(fn: Any, *args: Any) -> tuple[Any, float]:
+    """`fn(*args)` and the seconds it took."""
+    t0 = time.perf_counter()
+    value = fn(*args)
+    return value, time.perf_counter() - t0
+
+
+def above(p: PeakRss, base: Rss) -> dict[str, int]:
+    """The peak of the PeakRss window `p` above `base`, the RSS after the imports."""
+    start: Rss = p.start - base
+    return {"total": start.total + p.total, "anon": start.anon + p.anon, "file": start.file + p.file}
+
+
+def tokens_within(spec: dict[str, Any], per_token_s: float) -> int:
+    """New tokens to time: all of them unless that would take longer than --max-generate-s."""
+    if per_token_s * spec["new_tokens"] <= spec["max_generate_s"]:
+        return spec["new_tokens"]
+    return max(2, int(spec["max_generate_s"] / per_token_s))
+
+
+def trial_run(job: Job) -> None:
+    """What the cap search runs: load as for a cold run, warm-up, one run (prefetch order known)."""
+    model, _ = load(job, drop=True)
+    run(job, model, 2)
+    run(job, model, 2)
+
+
+def warm_phase(job: Job, base: Rss) -> tuple[Any, Any, Phase]:
+    """Load with the page cache kept, run once untimed, then time the runs; returns (model, last output, phase)."""
+    from pylomin.memory import PeakRss
+
+    spec = job.spec
+    tokens, runs, note = job.full_tokens, spec["runs_warm"], None
+    with PeakRss(interval=0.01) as p:
+        (model, api), load_s = clock(load, job, False)
+        _, first_s = clock(run, job, model, 2)  # kernels, pylomin's recorded order, page cache for warm runs
+        if job.generate and (n := tokens_within(spec, first_s / 2)) < spec["new_tokens"]:
+            tokens, runs = n, 1
+            note = (
+                f"warm: ~{first_s / 2:.1f} s per token, a {spec['new_tokens']}-token generate() would take "
+                f"~{first_s / 2 * spec['new_tokens']:.0f} s > --max-generate-s {spec['max_generate_s']:g}: "
+                f"timed once on {n} new tokens; cold skipped"
+            )
+        times = []
+        for _ in range(runs):
+            y, seconds = clock(run, job, model, tokens)
+            times.append(seconds)
+    return model, y, Phase(times, tokens, above(p, base), load_s, first_s, note, api)
+
+
+def cold_phase(job: Job, model: Any, warm: Phase, base: Rss) -> Phase:
+    """Time the runs with the contender's files evicted before each; with no `model`, load a fresh one first."""
+    from pylomin.memory import PeakRss
+
+    spec = job.spec
+    tokens, note = job.full_tokens, None
+    load_s, first_s = warm.load_s, warm.first_s
+    with PeakRss(interval=0.01) as p:
+        if model is None:
+            (model, _), load_s = clock(load, job, True)
+            _, first_s = clock(run, job, model, 2)
+        if job.generate and (n := tokens_within(spec, first_s / 2)) < spec["new_tokens"]:
+            tokens = n
+            note = (
+                f"cold: ~{first_s / 2:.1f} s per token > --max-generate-s {spec['max_generate_s']:g} for "
+                f"{spec['new_tokens']} tokens: timed on {n} new tokens"
+            )
+        files = contender_files(spec, job.contender, job.offload)
+        times = []
+        for _ in range(spec["runs_cold"]):
+            evict(files)
+            _, seconds = clock(run, job, model, tokens)
+            times.append(seconds)
+    return Phase(times, tokens, above(p, base), load_s, first_s, note)
+
+
+def child(spec: dict[str, Any], contender: str, offload: Path, trial: bool) -> dict[str, Any]:
+    """Load the contender, time it warm then cold; with `trial`, only load and run twice (for the cap search)."""
+    import torch
+
+    import pylomin
+    from pylomin.memory import rss
+
+    job = prepare(spec, contender, offload)
     base = rss()
     with torch.no_grad():
-        if trial:  # what the cap search runs: load as for a cold run, warm-up, one run (prefetch order known)
-            model = load(drop=True)
-            run(model, 2)
-            run(model, 2)
+        if trial:
+            trial_run(job)
             return {}
-
-        def above(p: PeakRss) -> dict[str, int]:
-            start: Rss = p.start - base
-            return {"total": start.total + p.total, "anon": start.anon + p.anon, "file": start.file + p.file}
-
-        def fit(per_token_s: float) -> int:
-            """New tokens to time: all of them unless that would take longer than --max-generate-s."""
-            if per_token_s * spec["new_tokens"] <= spec["max_generate_s"]:
-                return spec["new_tokens"]
-            return max(2, int(spec["max_generate_s"] / per_token_s))
-
-        tokens = dict.fromkeys(("warm", "cold"), spec["new_tokens"] if gen else 1)
-        runs_warm, runs_cold, notes = spec["runs_warm"], spec["runs_cold"], []
-        with PeakRss(interval=0.01) as p:
-            model, load_s = clock(load, False)
-            _, first_s = clock(run, model, 2)  # kernels, pylomin's recorded order, page cache for warm runs
-            if gen and (n := fit(first_s / 2)) < spec["new_tokens"]:
-                tokens["warm"], runs_warm, runs_cold = n, 1, 0
-                notes.append(
-                    f"warm: ~{first_s / 2:.1f} s per token, a {spec['new_tokens']}-token generate() would take "
-                    f"~{first_s / 2 * spec['new_tokens']:.0f} s > --max-generate-s {spec['max_generate_s']:g}: "
-                    f"timed once on {n} new tokens; cold skipped"
-                )
-            warm = []
-            for _ in range(runs_warm):
-                y, seconds = clock(run, model, tokens["warm"])
-                warm.append(seconds)
-        peaks = {"warm": above(p)}
-        output: Any = y[0, spec["seq"] :].tolist() if gen else None
-        if not gen:
+        model, y, warm = warm_phase(job, base)
+        if job.generate:
+            output = y[0, spec["seq"] :].tolist()
+        else:
+            output = None
             torch.save(y, offload.parent / f"{contender}.pt")
-        cold: list[float] = []
-        trial_s = load_s + first_s
-        if runs_cold:
+        cold = None
+        if warm.tokens == job.full_tokens and spec["runs_cold"]:  # a warm run cut short skips the cold ones
             if contender in PYLOMIN:  # a fresh model with the default drop_page_cache=True
                 pylomin.unload_(model)
-                del model
+                model = None
                 gc.collect()
-            with PeakRss(interval=0.01) as p:
-                if contender in PYLOMIN:
-                    model, load_s = clock(load, True)
-                    _, first_s = clock(run, model, 2)
-                    trial_s = load_s + first_s
-                if gen and (n := fit(first_s / 2)) < spec["new_tokens"]:
-                    tokens["cold"] = n
-                    notes.append(
-                        f"cold: ~{first_s / 2:.1f} s per token > --max-generate-s {spec['max_generate_s']:g} for "
-                        f"{spec['new_tokens']} tokens: timed on {n} new tokens"
-                    )
-                files = contender_files(spec, contender, offload)
-                for _ in range(runs_cold):
-                    bp.evict(files)
-                    _, seconds = clock(run, model, tokens["cold"])
-                    cold.append(seconds)
-            peaks["cold"] = above(p)
-            trial_s += cold[0]
+            cold = cold_phase(job, model, warm, base)
+    phases = {"warm": warm} if cold is None else {"warm": warm, "cold": cold}
+    last = phases["cold" if cold else "warm"]  # the cap search's time scale: load, warm-up, one cold run
     return {
-        "api": api,
-        "notes": notes,
-        "tokens": tokens,
-        "warm": warm,
-        "cold": cold,
-        "peaks": peaks,
+        "api": warm.api,
+        "notes": [ph.note for ph in phases.values() if ph.note],
+        "tokens": {"warm": warm.tokens, "cold": cold.tokens if cold else job.full_tokens},
+        "warm": warm.times,
+        "cold": cold.times if cold else [],
+        "peaks": {name: ph.peak for name, ph in phases.items()},
         "base_anon": base.anon,
         "base_total": base.total,
-        "trial_s": trial_s,
+        "trial_s": last.load_s + last.first_s + (cold.times[0] if cold else 0.0),
         "output": output,
     }
 
@@ -295,6 +383,15 @@ def spawn(spec: dict[str, Any], contender: str, work: Path) -> dict[str, Any]:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def capped_trial(spec: dict[str, Any], contender: str, work: Path, cap: int, timeout: float) -> dict[str, Any]:
+    """One trial run of the contender under a `cap`-byte cgroup limit (the page cache dropped first)."""
+    offload = fresh_offload_dir(work, f"offload-cap-{contender}")
+    res = _cgroup.run_capped(child_cmd(spec, contender, offload, trial=True), cap, timeout, ENV)
+    shutil.rmtree(offload, ignore_errors=True)
+    print(f"    cap {cap / MIB:5.0f} MiB: {res.reason} after {res.seconds:.1f} s", flush=True)
+    return {"cap": cap, "ok": res.ok, "reason": res.reason, "s": res.seconds, "max_usage": res.max_usage}
+
+
 def min_cap(spec: dict[str, Any], contender: str, r: dict[str, Any], work: Path, max_steps: int) -> dict[str, Any]:
     """Binary-search the smallest cap (multiple of CAP_STEP) under which a trial run exits 0 in time."""
     timeout = 30 + 10 * r["trial_s"]
@@ -304,24 +401,15 @@ def min_cap(spec: dict[str, Any], contender: str, r: dict[str, Any], work: Path,
     lo = max(CAP_FLOOR, r["base_anon"] // CAP_STEP * CAP_STEP)
     hi = -(-(r["base_total"] + peak + CAP_MARGIN) // CAP_STEP) * CAP_STEP
     trials: list[dict[str, Any]] = []
-
-    def trial(cap: int) -> bool:
-        offload = fresh_offload_dir(work, f"offload-cap-{contender}")
-        bp.evict(contender_files(spec, contender, None))  # so what it reads is charged to its cgroup
-        res = _cgroup.run_capped(child_cmd(spec, contender, offload, trial=True), cap, timeout, ENV)
-        shutil.rmtree(offload, ignore_errors=True)
-        trials.append({"cap": cap, "ok": res.ok, "reason": res.reason, "s": res.seconds, "max_usage": res.max_usage})
-        print(f"    cap {cap / MIB:5.0f} MiB: {res.reason} after {res.seconds:.1f} s", flush=True)
-        return res.ok
-
     while hi - lo > CAP_STEP and len(trials) < max_steps:
         mid = lo + (hi - lo) // 2 // CAP_STEP * CAP_STEP
-        if trial(mid):
+        trials.append(capped_trial(spec, contender, work, mid, timeout))
+        if trials[-1]["ok"]:
             hi = mid
         else:
             lo = mid
     if not any(t["ok"] for t in trials):
-        trial(hi)
+        trials.append(capped_trial(spec, contender, work, hi, timeout))
     ok = [t for t in trials if t["ok"]]
     best = min(ok, key=lambda t: t["cap"]) if ok else None
     failed = [t["cap"] for t in trials if not t["ok"] and (best is None or t["cap"] < best["cap"])]
@@ -437,8 +525,8 @@ def run_case(
     t_case = time.perf_counter()
     spec = case.spec(args.max_generate_s, args.accelerate_api)
     m = manifest.read(case.block)
-    bandwidth = bp.cold_read_bandwidth(bp.unit_files(case.block))
-    needed = bp.stream_bounds(case.block)[0]
+    bandwidth = cold_read_bandwidth(unit_files(case.block))
+    needed = forward_bytes(case.block)
     floor = needed / bandwidth
     print(f"\n### {case.title}\n", flush=True)
     print(
@@ -562,7 +650,7 @@ def main() -> int:
         cases.append(Case("bert", f"{name}, batch 8 x {SEQ}", src, block, leaf, 8, *runs(2, 2)))
     if not args.skip_gpt2:
         name = "gpt2-small-random" if args.quick else "gpt2-large-random"
-        src = bp.ensure_gpt2(bp.GPT2_SMALL if args.quick else bp.GPT2_LARGE, name)
+        src = ensure_gpt2(GPT2_SMALL if args.quick else GPT2_LARGE, name)
         block = ensure_converted(src, MODELS / f"{name}-pylomin")
         leaf = ensure_converted(src, MODELS / f"{name}-pylomin-leaf", "leaf")
         title = f"{'small GPT-2' if args.quick else 'GPT-2-large-sized'}, generate() {NEW_TOKENS} from {PROMPT_TOKENS}"

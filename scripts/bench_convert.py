@@ -22,10 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import MIB, benchmark_bert, evict  # noqa: E402
 
-MiB = 2**20
-SLACK = 64 * MiB  # allowed above the largest tensor
+SLACK = 64 * MIB  # allowed above the largest tensor
 
 
 def child_convert(src: Path) -> None:
@@ -78,16 +78,6 @@ def largest_tensor(path: Path) -> tuple[str, int]:
     return name, sizes[name]
 
 
-def drop_cache(path: Path) -> None:
-    """Drop the pages of `path` from the page cache (written back first: dirty pages would stay)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def cat_seconds(path: Path) -> float:
     """Wall time of `cat path > /dev/null`."""
     t0 = time.perf_counter()
@@ -111,10 +101,10 @@ def bench(folders: dict[str, Path], largest: int) -> list[dict[str, object]]:
         nbytes = weights.stat().st_size
         for cache in ("cold", "warm"):
             if cache == "cold":
-                drop_cache(weights)
+                evict([weights])
             cat_s = cat_seconds(weights)
             if cache == "cold":
-                drop_cache(weights)
+                evict([weights])
             m = convert_in_child(folder)
             rows.append(
                 {
@@ -141,10 +131,10 @@ def print_table(rows: list[dict[str, object]], largest: int) -> None:
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
-        peak = f"{r['total'] / MiB:.1f} / {r['anon'] / MiB:.1f} / {r['file'] / MiB:.1f}"
+        peak = f"{r['total'] / MIB:.1f} / {r['anon'] / MIB:.1f} / {r['file'] / MIB:.1f}"
         print(
             f"| {r['format']} | {r['cache']} | {r['seconds']:.2f} | {r['mbps']:.0f} | {r['cat_mbps']:.0f} "
-            f"| {r['mbps'] / r['cat_mbps']:.2f} | {peak} | {largest / MiB:.1f} | {(largest + SLACK) / MiB:.1f} "
+            f"| {r['mbps'] / r['cat_mbps']:.2f} | {peak} | {largest / MIB:.1f} | {(largest + SLACK) / MIB:.1f} "
             f"| {'yes' if r['within'] else 'no'} |"
         )
 
@@ -165,17 +155,15 @@ def main() -> None:
 
 def run(quick: bool) -> None:
     """Build the checkpoints if missing, measure, and print the table."""
-    from _models import benchmark_bert
-
     src = benchmark_bert(quick)
     folders = {"safetensors": src, "bin": ensure_bin(src)}
     name, largest = largest_tensor(src / "model.safetensors")
     size = (src / "model.safetensors").stat().st_size
-    print(f"checkpoint: {src} ({size / MiB:.1f} MiB); largest tensor: {name} ({largest / MiB:.1f} MiB)")
+    print(f"checkpoint: {src} ({size / MIB:.1f} MiB); largest tensor: {name} ({largest / MIB:.1f} MiB)")
     print(f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')}, {os.cpu_count()} CPUs\n")
     rows = bench(folders, largest)
     print_table(rows, largest)
-    base = ", ".join(f"{r['format']}/{r['cache']} {r['base'] / MiB:.0f}" for r in rows)
+    base = ", ".join(f"{r['format']}/{r['cache']} {r['base'] / MIB:.0f}" for r in rows)
     print(f"\nRSS after imports (MiB), the baseline of the peaks: {base}")
 
 

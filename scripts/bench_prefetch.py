@@ -26,52 +26,26 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _models import ENV, MODELS, benchmark_bert, ensure_converted  # noqa: E402
+from _common import (  # noqa: E402
+    ENV,
+    GPT2_LARGE,
+    GPT2_SMALL,
+    MIB,
+    MODELS,
+    benchmark_bert,
+    cold_read_bandwidth,
+    ensure_converted,
+    ensure_gpt2,
+    evict,
+    forward_bytes,
+    unit_files,
+)
 
-MIB = 2**20
 SEQ = 128
 BATCHES = (1, 8)
 PROMPT_TOKENS = NEW_TOKENS = 32
 PREFETCH_BYTES = 256 * MIB  # load_streaming's default `prefetch_bytes`
-GPT2_LARGE = dict(n_embd=1280, n_layer=36, n_head=20, vocab_size=50257, n_positions=1024)
-GPT2_SMALL = {**GPT2_LARGE, "n_embd": 256, "n_layer": 4, "n_head": 4}
 BUDGETS = (0.0, 0.25, 0.5, 1.0)
-
-
-# --- page cache and disk ----------------------------------------------------------------------------
-
-
-def unit_files(folder: Path) -> list[Path]:
-    from pylomin import manifest
-
-    return [folder / u.file for u in manifest.read(folder).units]
-
-
-def evict(paths: list[Path]) -> None:
-    """Drop the files' pages from the page cache (clean, unmapped pages only: enough here)."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def cold_read_bandwidth(paths: list[Path], repeats: int = 3) -> float:
-    """Bytes/second of a cold sequential read of `paths` with 16 MiB `readinto`; median of `repeats`."""
-    buf = memoryview(bytearray(16 * MIB))
-    rates = []
-    for _ in range(repeats):
-        evict(paths)
-        total = 0
-        t0 = time.perf_counter()
-        for path in paths:
-            with open(path, "rb", buffering=0) as f:
-                while n := f.readinto(buf):
-                    total += n
-        rates.append(total / (time.perf_counter() - t0))
-    evict(paths)
-    return statistics.median(rates)
 
 
 def stream_bounds(folder: Path) -> tuple[int, int, int]:
@@ -80,9 +54,8 @@ def stream_bounds(folder: Path) -> tuple[int, int, int]:
 
     m = manifest.read(folder)
     streamed = sorted((u.nbytes for u in m.units if not u.name.endswith("word_embeddings")), reverse=True)
-    needed = m.nbytes - sum(u.nbytes for u in m.units if u.name.endswith("word_embeddings"))
     largest = streamed[0]
-    return needed, 2 * largest, min(PREFETCH_BYTES, sum(streamed[:2])) + largest
+    return forward_bytes(folder), 2 * largest, min(PREFETCH_BYTES, sum(streamed[:2])) + largest
 
 
 # --- children -----------------------------------------------------------------------------------------
@@ -137,18 +110,6 @@ def bert_child(kind: str, src: Path, folder: Path, batch: int, prefetch: int, ru
     return result
 
 
-def gpt2_build_child(path: Path, config: dict[str, int]) -> None:
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config))
-    tmp = path.with_name(path.name + ".partial")
-    model.save_pretrained(tmp)
-    tmp.rename(path)
-    print("{}")
-
-
 def gpt2_child(src: Path, folder: Path, budget: int | None, runs: int) -> dict[str, Any]:
     import torch
     import transformers
@@ -191,15 +152,6 @@ def spawn(*args: str) -> dict[str, Any]:
     if res.returncode != 0:
         raise SystemExit(f"child {' '.join(args)} failed:\n{res.stderr}")
     return json.loads(res.stdout.strip().splitlines()[-1])
-
-
-def ensure_gpt2(config: dict[str, int], name: str) -> Path:
-    """The random-weight GPT-2 `name` under models/, built (in a child process) on first use."""
-    src = MODELS / name
-    if not (src / "config.json").is_file():
-        print(f"building {src} (random weights, first run only) ...", flush=True)
-        spawn("--child", "gpt2-build", "--src", str(src), "--config", json.dumps(config))
-    return src
 
 
 def part_a(src: Path, runs: int) -> None:
@@ -279,14 +231,9 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--prefetch", type=int, default=2, help=argparse.SUPPRESS)
     p.add_argument("--budget", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--config", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        kind = args.child[0]
-        if kind == "gpt2-build":
-            gpt2_build_child(args.src, json.loads(args.config))
-            return 0
-        if kind == "bert":
+        if args.child[0] == "bert":
             res = bert_child(args.child[1], args.src, args.folder, args.batch, args.prefetch, args.runs)
         else:
             res = gpt2_child(args.src, args.folder, args.budget, args.runs)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _models import ENV, MODELS, ensure_bert  # noqa: E402
+from _common import BERT_1_6G, ENV, MIB, MODELS, ensure_bert, ensure_converted  # noqa: E402
 
 MODES = {
     "in memory (transformers)": ["memory"],
@@ -40,7 +40,7 @@ def child(mode: list[str], src: Path, runs: int, batch: int, seq: int, out: Path
     # class before the baseline, so no contender is charged for it.
     transformers.BertModel  # noqa: B018
     torch.manual_seed(0)
-    x = torch.randint(0, 119547, (batch, seq))
+    x = torch.randint(0, BERT_1_6G["vocab_size"], (batch, seq))
     times = []
     base = rss()
     with PeakRss() as first, torch.no_grad():
@@ -91,10 +91,7 @@ def main() -> int:
     import pylomin
 
     for unit in ("block", "leaf"):
-        folder = MODELS / f"{src.name}-pylomin-{unit}"
-        if not (folder / "pylomin.json").is_file():
-            print(f"converting {src} -> {folder} ({unit} units)", flush=True)
-            pylomin.convert(src, folder, unit=unit)  # type: ignore[arg-type]
+        ensure_converted(src, MODELS / f"{src.name}-pylomin-{unit}", unit)
     m = pylomin.manifest.read(MODELS / f"{src.name}-pylomin-block")
     print(
         f"\nmodel: BERT, {m.nbytes / 2**30:.2f} GiB fp32 parameters; input {args.batch} x {args.seq} tokens; "
@@ -129,7 +126,6 @@ def main() -> int:
 
         ref = torch.load(outputs["in memory (transformers)"])
         same = {label: torch.equal(torch.load(path), ref) for label, path in outputs.items()}
-    mib = 2**20
     base = rows[0][1]["latency"]
     print(
         "\n| run | peak RSS above baseline, MiB (anon + file) | peak per forward, MiB | latency, s | vs in memory | bit-identical |"
@@ -137,8 +133,8 @@ def main() -> int:
     print("|---|---:|---:|---:|---:|:---:|")
     for label, r in rows:
         print(
-            f"| {label} | {r['peak'] / mib:.0f} ({r['anon'] / mib:.0f} + {r['file'] / mib:.0f}) | "
-            f"{r['forward_peak'] / mib:.0f} | {r['latency']:.3f} | {r['latency'] / base:.2f}x | "
+            f"| {label} | {r['peak'] / MIB:.0f} ({r['anon'] / MIB:.0f} + {r['file'] / MIB:.0f}) | "
+            f"{r['forward_peak'] / MIB:.0f} | {r['latency']:.3f} | {r['latency'] / base:.2f}x | "
             f"{'yes' if same[label] else 'NO'} |"
         )
     print(
