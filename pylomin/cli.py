@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from pylomin import hub
+from pylomin import cache
 from pylomin import manifest as fmt
 from pylomin.convert import convert
 from pylomin.errors import PylominError
@@ -104,8 +104,8 @@ def _run_model(args: argparse.Namespace) -> int:
 
 
 def _cache_ls(args: argparse.Namespace) -> int:
-    rows = hub.list_cache(args.cache_dir)
-    print(f"pylomin cache: {hub.cache_root(args.cache_dir)}")
+    rows = cache.list_cache(args.cache_dir)
+    print(f"pylomin cache: {cache.cache_root(args.cache_dir)}")
     for repo_id, commit, size in rows:
         print(f"{repo_id}  {commit}  {size / 2**20:.1f} MiB")
     print(f"{len(rows)} converted models, {sum(r[2] for r in rows) / 2**20:.1f} MiB")
@@ -113,7 +113,7 @@ def _cache_ls(args: argparse.Namespace) -> int:
 
 
 def _cache_rm(args: argparse.Namespace) -> int:
-    freed = hub.remove_from_cache(args.repo_id, args.cache_dir)
+    freed = cache.remove_from_cache(args.repo_id, args.cache_dir)
     print(f"removed {args.repo_id}: {freed / 2**20:.1f} MiB freed")
     return 0
 
@@ -194,11 +194,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--trace", help="write a Chrome trace JSON (Perfetto, chrome://tracing)")
     p.add_argument("--png", help="write a timeline PNG")
     p.set_defaults(func=_run_model)
-    cache = sub.add_parser("cache", help="the cache of models converted from Hub repo ids").add_subparsers(
+    actions = sub.add_parser("cache", help="the cache of models converted from Hub repo ids").add_subparsers(
         required=True, metavar="ACTION"
     )
     for name, func, helptext in (("ls", _cache_ls, "list converted models"), ("rm", _cache_rm, "remove a model")):
-        p = cache.add_parser(name, help=helptext)
+        p = actions.add_parser(name, help=helptext)
         if name == "rm":
             p.add_argument("repo_id")
         p.add_argument("--cache-dir", help="default: $PYLOMIN_CACHE, else ~/.cache/pylomin")

@@ -359,9 +359,11 @@ def _span(x: torch.Tensor) -> int:
 
 
 def _as_bytes(x: torch.Tensor, dtype: torch.dtype) -> memoryview:
-    # x: contiguous; the bytes of x cast to `dtype`
+    # x: contiguous; the bytes of x cast to `dtype`. Flattened with stride 1 explicitly: torch calls
+    # a one-element tensor contiguous whatever its stride (0 after an expand), and keeps that stride.
     piece = x.to(dtype) if x.dtype != dtype else x
-    return memoryview(piece.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+    flat = piece.as_strided((piece.numel(),), (1,))
+    return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def _out_dtype(t: SourceTensor, dtype: torch.dtype | None) -> torch.dtype:

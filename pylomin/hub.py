@@ -1,21 +1,18 @@
-"""Hub repo ids: a local snapshot of only what is needed, and the cache of converted models keyed by commit."""
+"""Hub repo ids: what counts as one, and a local snapshot of only the files a conversion needs."""
 
 from __future__ import annotations
 
 import logging
 import os
 import re
-import shutil
 from pathlib import Path
 
-from pylomin import manifest as fmt
 from pylomin.checkpoint import EXTRA_FILES
 from pylomin.errors import PylominError
 
 logger = logging.getLogger(__name__)
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _SAFETENSORS = ["*.safetensors", "*.safetensors.index.json"]
 _TORCH = ["*.bin", "*.bin.index.json"]
 
@@ -24,15 +21,6 @@ def is_repo_id(src: str | os.PathLike[str]) -> bool:
     """A source that is not an existing path but looks like `org/name` (or a bare `name`) is a Hub repo id."""
     s = os.fspath(src)
     return not Path(s).exists() and bool(_REPO_ID.match(s)) and not s.endswith((".safetensors", ".bin", ".pt"))
-
-
-def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The converted-model cache: `cache_dir`, else `$PYLOMIN_CACHE`, else `$XDG_CACHE_HOME/pylomin` (~/.cache)."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    if os.environ.get("PYLOMIN_CACHE"):
-        return Path(os.environ["PYLOMIN_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pylomin"
 
 
 def snapshot(repo_id: str, revision: str | None = None) -> Path:
@@ -69,74 +57,3 @@ def snapshot(repo_id: str, revision: str | None = None) -> Path:
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         raise PylominError(f"`{repo_id}` has no safetensors or .bin weights at its top level ({folder})")
     return folder
-
-
-def converted(
-    repo_id: str,
-    revision: str | None = None,
-    *,
-    cache_dir: str | os.PathLike[str] | None = None,
-    progress: bool = True,
-) -> Path:
-    """The converted folder of `repo_id` at `revision`: from pylomin's cache, else downloaded and converted once.
-
-    A revision seen before resolves through the cache's `refs/` without touching the Hub. Two
-    processes converting the same model wait on a lock; the second finds the first one's folder.
-    """
-    from filelock import FileLock
-
-    from pylomin.convert import convert_local
-
-    base = _repo_dir(repo_id, cache_dir)
-    ref = base / "refs" / (revision or "main")
-    commit = revision if revision and _COMMIT.match(revision) else _read(ref)
-    if commit and (base / commit / fmt.MANIFEST_NAME).is_file():
-        return base / commit
-    src = snapshot(repo_id, revision)
-    commit = src.name if _COMMIT.match(src.name) else (revision or "main")
-    out = base / commit
-    base.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(base / f"{commit}.lock")):
-        if not (out / fmt.MANIFEST_NAME).is_file():
-            logger.info("converting `%s` (%s) into the cache at `%s`", repo_id, commit, out)
-            source: dict[str, object] = {"repo_id": repo_id, "revision": revision or "main", "commit": commit}
-            convert_local(src, out, source, progress=progress)
-        ref.parent.mkdir(parents=True, exist_ok=True)
-        ref.write_text(commit)
-    return out
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text().strip() or None
-    except OSError:
-        return None
-
-
-def list_cache(cache_dir: str | os.PathLike[str] | None = None) -> list[tuple[str, str, int]]:
-    """(repo id, commit, bytes on disk) of every converted model in the cache."""
-    root = cache_root(cache_dir)
-    out = []
-    for base in sorted(root.glob("*")) if root.is_dir() else []:
-        for folder in sorted(base.iterdir()):
-            if (folder / fmt.MANIFEST_NAME).is_file():
-                out.append((base.name.replace("--", "/", 1), folder.name, _size(folder)))
-    return out
-
-
-def remove_from_cache(repo_id: str, cache_dir: str | os.PathLike[str] | None = None) -> int:
-    """Delete every converted revision of `repo_id`; returns the bytes freed."""
-    base = _repo_dir(repo_id, cache_dir)
-    if not base.is_dir():
-        raise FileNotFoundError(f"`{repo_id}` is not in the pylomin cache at `{base.parent}`")
-    size = _size(base)
-    shutil.rmtree(base)
-    return size
-
-
-def _repo_dir(repo_id: str, cache_dir: str | os.PathLike[str] | None) -> Path:
-    return cache_root(cache_dir) / repo_id.replace("/", "--")
-
-
-def _size(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())

@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -15,7 +16,7 @@ from pylomin import _os
 from pylomin import manifest as fmt
 from pylomin.checkpoint import from_tensors
 from pylomin.convert import check_out, write_folder
-from pylomin.streaming import attach_
+from pylomin.streaming import Options, attach_, is_streamed
 
 M = TypeVar("M", bound=nn.Module)
 ModuleRef = str | nn.Module
@@ -55,7 +56,8 @@ def lazy_loading(
     """
     if target_classes is not None and target_modules is not None:
         raise ValueError("pass either target_classes or target_modules, not both")
-    if "_pylomin_stream" in model.__dict__:
+    options = Options.check(prefetch=prefetch, prefetch_bytes=prefetch_bytes, drop_page_cache=drop_page_cache)
+    if is_streamed(model):
         raise ValueError(f"`{type(model).__name__}` is already streamed or lazy; call pylomin.unload_ first")
     names = {m: n for n, m in model.named_modules()}
     skipped = {_name(s, model, names) for s in skip_modules or []}
@@ -89,18 +91,7 @@ def lazy_loading(
             shutil.rmtree(folder, ignore_errors=True)
         raise
     del ckpt  # the last references to the in-memory parameters go with it
-    attach_(
-        model,
-        folder,
-        manifest,
-        strict=False,
-        restore=True,
-        remove_folder=remove,
-        device=device,
-        prefetch=prefetch,
-        prefetch_bytes=prefetch_bytes,
-        drop_page_cache=drop_page_cache,
-    )
+    attach_(model, folder, manifest, replace(options, device=device), strict=False, restore=True, remove_folder=remove)
     _os.trim_freed_memory()  # the parameters that lived in malloc's heap (below its mmap threshold) go back too
     return model
 

@@ -6,28 +6,38 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Protocol
 
 from pylomin.errors import PylominError
+from pylomin.plan import Range
 from pylomin.store import Store
 
 logger = logging.getLogger(__name__)
 
-Range = tuple[str, int, int]  # (unit file, byte offset, byte length)
-T = TypeVar("T", bound=Hashable)  # a prefetch target: the hooked module
+
+class Recorder(Protocol):
+    """What the hooks and the reader report to while profiling (`pylomin.profile.Profile`)."""
+
+    nbytes: list[int]
+
+    def add(self, target: int, kind: str, start_ns: int, end_ns: int, *, nbytes: int = 0) -> None: ...
+
+    def begin_compute(self, target: int, now_ns: int) -> None: ...
+
+    def end_compute(self, target: int, now_ns: int) -> None: ...
 
 
 @dataclass(eq=False)
 class _Job:
-    target: object
+    target: int  # the index of a hooked module
     ranges: list[Range]
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
 
 
-class Prefetcher(Generic[T]):
+class Prefetcher:
     """Reads the units that come next, at most `max_units` units and `max_bytes` bytes ahead.
 
     The order is the order targets were entered during the last forward of the root module that
@@ -39,18 +49,18 @@ class Prefetcher(Generic[T]):
     def __init__(
         self,
         store: Store,
-        ranges: dict[T, list[Range]],
-        initial_order: list[T],
+        ranges: dict[int, list[Range]],
+        initial_order: list[int],
         *,
         max_units: int,
         max_bytes: int,
-        skip: set[T] | None = None,
-        stage: Callable[[T], None] | None = None,
+        skip: set[int] | None = None,
+        stage: Callable[[int], None] | None = None,
     ):
         self.store = store
         self.ranges = ranges
         self.stage = stage  # after the pages are in: e.g. copy the unit to the GPU
-        self.recorder: Any = None  # a pylomin.profile.Profile while profiling
+        self.recorder: Recorder | None = None  # while profiling
         self.max_units = max_units
         self.max_bytes = max_bytes
         self.skip = set(skip or ())
@@ -59,16 +69,16 @@ class Prefetcher(Generic[T]):
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._queue: collections.deque[_Job] = collections.deque()
-        self._pending: dict[T, _Job] = {}
+        self._pending: dict[int, _Job] = {}
         self._done: list[Range] = []  # ranges released by compute, dropped by the reader
         self._passes = 0
-        self._recording: list[T] | None = None
-        self._seen: set[T] = set()
+        self._recording: list[int] | None = None
+        self._seen: set[int] = set()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="pylomin-prefetch", daemon=True)
         self._thread.start()
 
-    def _set_order(self, order: list[T]) -> None:
+    def _set_order(self, order: list[int]) -> None:
         self.order = order
         self._index = {t: i for i, t in enumerate(order)}
 
@@ -90,7 +100,7 @@ class Prefetcher(Generic[T]):
                 logger.debug("prefetch order recorded: %d targets", len(rec))
                 self._set_order(rec)
 
-    def enter(self, target: T) -> None:
+    def enter(self, target: int) -> None:
         """`target` is about to run: wait for its own read, then queue the reads of those that follow."""
         with self._lock:
             job = self._pending.pop(target, None)
@@ -107,7 +117,7 @@ class Prefetcher(Generic[T]):
                     "truncated or removed while the model was loaded: run `pylomin verify` on the folder"
                 ) from job.error
 
-    def _schedule_after(self, target: T) -> None:
+    def _schedule_after(self, target: int) -> None:
         i = self._index.get(target)
         if i is None or self.max_units <= 0:
             return
@@ -168,7 +178,7 @@ class Prefetcher(Generic[T]):
                 for file, offset, length in job.ranges:
                     self.store.prefetch(file, offset, length)
                 if self.stage is not None:
-                    self.stage(job.target)  # type: ignore[arg-type]
+                    self.stage(job.target)
             except BaseException as e:  # surfaced in the thread that enters the target
                 job.error = e
             finally:

@@ -14,6 +14,8 @@ from typing import Any
 
 from torch import nn
 
+from pylomin.streaming import stream_of
+
 logger = logging.getLogger(__name__)
 
 
@@ -172,14 +174,10 @@ def profile(
         ...     model(input_ids)
         >>> print(prof.verdict())
     """
-    stream = model.__dict__.get("_pylomin_stream")
-    if stream is None:
-        raise ValueError(f"`{type(model).__name__}` is not a pylomin model (not from load_streaming or lazy_loading)")
-    manager = stream.manager
-    names = {m: n for n, m in model.named_modules()}
+    manager = stream_of(model).manager
     prof = Profile(
-        names=[names.get(m, type(m).__name__) for m in manager.order],
-        nbytes=[sum(n for _, _, n in manager.ranges[m]) for m in manager.order],
+        names=list(manager.plan.names),
+        nbytes=[sum(n for _, _, n in ranges) for ranges in manager.plan.ranges],
     )
     manager.recorder = prof
     if manager.prefetcher is not None:

@@ -102,7 +102,7 @@ class Store:
         """Make a range of a unit file resident before it is used (called from the reader thread).
 
         MADV_POPULATE_READ faults the pages in and maps them, so the compute thread takes no page
-        faults (measured faster than MADV_WILLNEED or pread, see README); kernels older than 5.14
+        faults (measured faster than MADV_WILLNEED or pread, see docs/design.md); kernels older than 5.14
         get a pread of the range into a scratch buffer, which fills the page cache.
         """
         m = self._maps.get(file)

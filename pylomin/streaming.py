@@ -16,23 +16,79 @@ from typing import Any
 import torch
 from torch import nn
 
-from pylomin import hub
+from pylomin import cache, hub
 from pylomin import manifest as fmt
 from pylomin.build import bind, build_on_meta, stored_dtype
 from pylomin.hooks import HookManager
+from pylomin.plan import Target, make_plan
 from pylomin.prefetch import Prefetcher
+from pylomin.stage import Copy, PinnedCopy
 from pylomin.store import Store
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Options:
+    """The runtime options of a streamed model, checked: what `load_streaming` and `lazy_loading` share."""
+
+    device: torch.device
+    dtype: torch.dtype | None
+    drop_page_cache: bool
+    prefetch: int
+    prefetch_bytes: int
+    memory_budget: int
+
+    @classmethod
+    def check(
+        cls,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | str | None = None,
+        drop_page_cache: bool = True,
+        prefetch: int = 2,
+        prefetch_bytes: int | str = "256MiB",
+        memory_budget: int | str | None = None,
+    ) -> Options:
+        """Options from the user's arguments; a `ValueError` that says what is allowed for a bad one."""
+        return cls(
+            device=_check_device(device),
+            dtype=_check_dtype(dtype),
+            drop_page_cache=_check_bool("drop_page_cache", drop_page_cache),
+            prefetch=_check_count("prefetch", prefetch),
+            prefetch_bytes=_check_size("prefetch_bytes", prefetch_bytes),
+            memory_budget=0 if memory_budget is None else _check_size("memory_budget", memory_budget),
+        )
+
+
 @dataclass
-class _Stream:
+class Stream:
+    """What pylomin attaches to a model it streams: its files, its hooks, and how to undo them."""
+
     store: Store
     manager: HookManager
     base_class: type
+    device: torch.device
     restore: bool  # unload_ copies parameters back into memory (models that came from memory)
     cleanup: Any  # weakref.finalize closing the files (and removing a temporary folder)
+
+
+_STREAM = "_pylomin_stream"  # the one key pylomin sets on a model; read only through stream_of
+
+
+def stream_of(model: nn.Module) -> Stream:
+    """The `Stream` of a model from `load_streaming` or `lazy_loading`; `ValueError` for any other model."""
+    stream = model.__dict__.get(_STREAM)
+    if not isinstance(stream, Stream):
+        raise ValueError(
+            f"`{type(model).__name__}` is not a pylomin model (not returned by load_streaming or lazy_loading)"
+        )
+    return stream
+
+
+def is_streamed(model: nn.Module) -> bool:
+    """Whether pylomin streams `model` now."""
+    return isinstance(model.__dict__.get(_STREAM), Stream)
 
 
 def load_streaming(
@@ -47,7 +103,7 @@ def load_streaming(
     memory_budget: int | str | None = None,
     revision: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
-) -> Any:
+) -> nn.Module:
     """Build `model_cls` with its parameters on disk, paged in per unit as the model runs.
 
     Args:
@@ -79,65 +135,73 @@ def load_streaming(
         >>> with torch.no_grad():
         ...     out = model(input_ids)
     """
-    folder = Path(path)
-    if hub.is_repo_id(path):
-        folder = hub.converted(os.fspath(path), revision, cache_dir=cache_dir)
-    elif not folder.exists():
-        raise FileNotFoundError(
-            f"`{folder}` does not exist; convert a model first with `pylomin-convert MODEL {folder}`"
-        )
-    cast = fmt.parse_dtype(dtype) if isinstance(dtype, str) else dtype
-    manifest = fmt.read(folder)
-    model = build_on_meta(model_cls, folder, cast or stored_dtype(manifest))
-    return attach_(
-        model,
-        folder,
-        manifest,
+    options = Options.check(
         device=device,
-        dtype=cast,
+        dtype=dtype,
         drop_page_cache=drop_page_cache,
         prefetch=prefetch,
         prefetch_bytes=prefetch_bytes,
         memory_budget=memory_budget,
-    ).eval()
+    )
+    folder = Path(path)
+    if hub.is_repo_id(path):
+        folder = cache.converted(os.fspath(path), revision, cache_dir=cache_dir)
+    elif not folder.exists():
+        raise FileNotFoundError(
+            f"`{folder}` does not exist; convert a model first with `pylomin-convert MODEL {folder}`"
+        )
+    manifest = fmt.read(folder)
+    model = build_on_meta(model_cls, folder, options.dtype or stored_dtype(manifest))
+    return attach_(model, folder, manifest, options).eval()
 
 
 def attach_(
     model: nn.Module,
     folder: Path,
     manifest: fmt.Manifest,
+    options: Options,
     *,
     strict: bool = True,
     restore: bool = False,
     remove_folder: bool = False,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-    drop_page_cache: bool = True,
-    prefetch: int = 2,
-    prefetch_bytes: int | str = "256MiB",
-    memory_budget: int | str | None = None,
-) -> Any:
-    """Bind `model` to the unit files of `folder` and register the hooks (shared by load_streaming and lazy_loading)."""
-    device = torch.device(device)
-    store = Store(folder, manifest, drop_page_cache=drop_page_cache)
+    copy: Copy | None = None,
+) -> nn.Module:
+    """Bind `model` to the unit files of `folder`, plan, and register the hooks (for load_streaming and lazy_loading).
+
+    `copy` copies streamed units to the device on the reader thread; default: through pinned
+    buffers on CUDA, none on the CPU (parameters are views of the files there).
+    """
+    device = options.device
+    store = Store(folder, manifest, drop_page_cache=options.drop_page_cache)
+    manager: HookManager | None = None
     try:
-        targets = bind(model, manifest, store, dtype, strict=strict)
+        slots = bind(model, manifest, store, options.dtype, strict=strict)
         for module in model.modules():
             for name, buf in module._buffers.items():
                 if buf is not None and buf.device != device:
                     module._buffers[name] = buf.to(device)
-        manager = HookManager(
-            store,
-            model,
+        position = {m: i for i, m in enumerate(model.modules())}
+        order = sorted(slots, key=lambda m: position.get(m, len(position)))
+        names = {m: n for n, m in model.named_modules()}
+        targets = [
+            Target(names.get(m, type(m).__name__), tuple(s.stored_name for s in slots[m]), isinstance(m, nn.Embedding))
+            for m in order
+        ]
+        locations = {name: store.location(name) for name in manifest.tensor_index()}
+        plan = make_plan(
             targets,
-            device=device,
-            dtype=dtype,
-            prefetch_units=prefetch,
-            prefetch_bytes=parse_bytes(prefetch_bytes),
-            memory_budget=parse_bytes(memory_budget) if memory_budget is not None else 0,
+            locations,
+            memory_budget=options.memory_budget,
+            prefetch_units=options.prefetch,
+            prefetch_bytes=options.prefetch_bytes,
         )
+        if copy is None and device.type == "cuda":
+            copy = PinnedCopy(device, plan.largest_streamed)
+        manager = HookManager(store, model, order, slots, plan, device=device, dtype=options.dtype, copy=copy)
         manager.attach()
     except BaseException:
+        if manager is not None:
+            manager.detach()
         store.close()
         raise
     base = type(model)
@@ -146,8 +210,7 @@ def attach_(
         model.__class__ = _with_device(base)
     # Only what does not reference the model: the finalizer must not keep it alive.
     cleanup = weakref.finalize(model, _close, manager.prefetcher, store, folder if remove_folder else None)
-    model.__dict__["_pylomin_stream"] = _Stream(store, manager, base, restore, cleanup)
-    model.__dict__["_pylomin_device"] = device
+    model.__dict__[_STREAM] = Stream(store, manager, base, device, restore, cleanup)
     return model
 
 
@@ -160,19 +223,15 @@ def unload_(model: nn.Module) -> nn.Module:
     Returns:
         The same model object.
     """
-    stream: _Stream | None = model.__dict__.pop("_pylomin_stream", None)
-    if stream is None:
-        raise ValueError(
-            f"`{type(model).__name__}` is not a pylomin model (not returned by load_streaming or lazy_loading)"
-        )
+    stream = stream_of(model)
+    del model.__dict__[_STREAM]
     stream.manager.detach(restore=stream.restore)
     stream.cleanup()
     model.__class__ = stream.base_class
-    model.__dict__.pop("_pylomin_device", None)
     return model
 
 
-def _close(prefetcher: Prefetcher[int] | None, store: Store, folder: Path | None) -> None:
+def _close(prefetcher: Prefetcher | None, store: Store, folder: Path | None) -> None:
     if prefetcher is not None:
         prefetcher.close()
     store.close()
@@ -204,6 +263,56 @@ def parse_bytes(size: int | str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+def _check_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a device ({e}); use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ValueError(f"device={device!r}: pylomin streams to 'cpu' or a CUDA device ('cuda', 'cuda:N')")
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"device={device!r}, but this torch sees no CUDA device (torch.cuda.is_available() is False; "
+            f"torch {torch.__version__}, built with CUDA {torch.version.cuda}); use device='cpu'"
+        )
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(
+            f"device={device!r}, but this machine has {count} CUDA device(s): use 'cuda:0'..'cuda:{count - 1}'"
+        )
+    return torch.device("cuda", torch.cuda.current_device()) if dev.index is None else dev
+
+
+def _check_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    cast = fmt.parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    if cast is not None and (not isinstance(cast, torch.dtype) or not cast.is_floating_point):
+        raise ValueError(f"dtype={dtype!r}: give a floating-point dtype (float32, float16, bfloat16) or None")
+    return cast
+
+
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r}: give True or False")
+    return value
+
+
+def _check_count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}={value!r}: give a whole number of units, 0 or more (0 turns it off)")
+    return value
+
+
+def _check_size(name: str, value: int | str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"{name}={value!r}: give a number of bytes or a size such as '512MiB'")
+    nbytes = parse_bytes(value)
+    if nbytes < 0:
+        raise ValueError(f"{name}={value!r}: a size cannot be negative")
+    return nbytes
+
+
 _DEVICE_CLASSES: dict[type, type] = {}
 
 
@@ -211,7 +320,7 @@ def _with_device(base: type) -> type:
     # A subclass whose `device` is the streaming device, not the (meta) device of its first parameter.
     cls = _DEVICE_CLASSES.get(base)
     if cls is None:
-        cls = type(base.__name__, (base,), {"device": property(lambda self: self.__dict__["_pylomin_device"])})
+        cls = type(base.__name__, (base,), {"device": property(lambda self: stream_of(self).device)})
         cls.__module__ = base.__module__
         cls.__qualname__ = base.__qualname__
         _DEVICE_CLASSES[base] = cls

@@ -32,7 +32,12 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     if a.numel() == 0:
         return True
-    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+    return torch.equal(flat_bytes(a), flat_bytes(b))
+
+
+def flat_bytes(x: torch.Tensor) -> torch.Tensor:
+    # Stride 1 explicitly: a one-element tensor is contiguous whatever its stride, and keeps it in reshape.
+    return x.contiguous().as_strided((x.numel(),), (1,)).view(torch.uint8)
 
 
 def convert_and_read(state: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.Tensor]:

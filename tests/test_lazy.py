@@ -13,6 +13,7 @@ from torch import nn
 import pylomin
 from pylomin import manifest as fmt
 from pylomin.memory import rss
+from pylomin.streaming import stream_of
 from tests import models, python
 
 MiB = 2**20
@@ -88,7 +89,7 @@ def test_offload_dir_is_kept_and_temp_dir_removed(tmp_path: Path) -> None:
     temp = Path(tempfile.gettempdir())
     before = set(temp.iterdir())
     model = pylomin.lazy_loading(fresh("bert"))
-    folder = model._pylomin_stream.store.folder
+    folder = stream_of(model).store.folder
     assert folder.is_dir()
     want = run(fresh("bert"), "bert")
     pylomin.unload_(model)
@@ -149,7 +150,7 @@ def test_argument_errors() -> None:
     with pytest.raises(ValueError, match="already streamed or lazy"):
         pylomin.lazy_loading(model)
     with pytest.raises(FileExistsError):
-        folder = model._pylomin_stream.store.folder
+        folder = stream_of(model).store.folder
         pylomin.lazy_loading(fresh("sequential"), offload_dir=folder)
 
 

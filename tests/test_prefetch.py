@@ -16,7 +16,7 @@ from torch import nn
 import pylomin
 from pylomin import manifest as fmt
 from pylomin.memory import PeakRss
-from pylomin.streaming import parse_bytes
+from pylomin.streaming import parse_bytes, stream_of
 from tests import models
 
 MiB = 2**20
@@ -37,12 +37,12 @@ class Shuffled(nn.Module):
 
 
 def prefetcher(model: nn.Module):
-    return model._pylomin_stream.manager.prefetcher
+    return stream_of(model).manager.prefetcher
 
 
 def names(model: nn.Module, targets: list[int]) -> list[str]:
     by_module = {m: n for n, m in model.named_modules()}
-    return [by_module[model._pylomin_stream.manager.order[t]] for t in targets]
+    return [by_module[stream_of(model).manager.order[t]] for t in targets]
 
 
 @pytest.fixture
@@ -178,7 +178,7 @@ def test_partial_budget_pins_tied_and_embedding_weights_first(hf_dir, converted)
     )
     resident = {n for n, p in model.named_parameters() if p.device.type == "cpu"}
     assert resident == {"transformer.wte.weight", "transformer.wpe.weight"}
-    assert model._pylomin_stream.manager.pinned_bytes <= wte + index["transformer.wpe.weight"][1].length
+    assert stream_of(model).manager.pinned_bytes <= wte + index["transformer.wpe.weight"][1].length
     with torch.no_grad():
         assert torch.equal(model(models.ids()).logits, ref(models.ids()).logits)
 
@@ -225,7 +225,7 @@ def test_a_table_tied_to_a_head_keeps_the_kernels_read_ahead(tmp_path: Path, tie
     torch.save(ref.state_dict(), tmp_path / "m.pt")
     folder = pylomin.convert(tmp_path / "m.pt", tmp_path / "out", progress=False)
     model = pylomin.load_streaming(folder, partial(_TiedLM, tied), prefetch=0)
-    store = model._pylomin_stream.store
+    store = stream_of(model).store
     table = folder / store.location("emb.weight")[0]
     assert any("rr" in m["VmFlags"].split() for m in models.mappings_of(str(table))) is not tied
     ids = torch.randint(0, 4096, (2, 8), generator=torch.Generator().manual_seed(0))

@@ -1,0 +1,95 @@
+"""The cache of models converted from Hub repo ids: `org--name/<commit>/`, with `refs/` naming revisions."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+from pylomin import hub
+from pylomin import manifest as fmt
+from pylomin.convert import convert_local
+
+logger = logging.getLogger(__name__)
+
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The converted-model cache: `cache_dir`, else `$PYLOMIN_CACHE`, else `$XDG_CACHE_HOME/pylomin` (~/.cache)."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    if os.environ.get("PYLOMIN_CACHE"):
+        return Path(os.environ["PYLOMIN_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pylomin"
+
+
+def converted(
+    repo_id: str,
+    revision: str | None = None,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> Path:
+    """The converted folder of `repo_id` at `revision`: from pylomin's cache, else downloaded and converted once.
+
+    A revision seen before resolves through the cache's `refs/` without touching the Hub. Two
+    processes converting the same model wait on a lock; the second finds the first one's folder.
+    """
+    from filelock import FileLock
+
+    base = _repo_dir(repo_id, cache_dir)
+    ref = base / "refs" / (revision or "main")
+    commit = revision if revision and _COMMIT.match(revision) else _read(ref)
+    if commit and (base / commit / fmt.MANIFEST_NAME).is_file():
+        return base / commit
+    src = hub.snapshot(repo_id, revision)
+    commit = src.name if _COMMIT.match(src.name) else (revision or "main")
+    out = base / commit
+    base.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(base / f"{commit}.lock")):
+        if not (out / fmt.MANIFEST_NAME).is_file():
+            logger.info("converting `%s` (%s) into the cache at `%s`", repo_id, commit, out)
+            source: dict[str, object] = {"repo_id": repo_id, "revision": revision or "main", "commit": commit}
+            convert_local(src, out, source, progress=progress)
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        ref.write_text(commit)
+    return out
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def list_cache(cache_dir: str | os.PathLike[str] | None = None) -> list[tuple[str, str, int]]:
+    """(repo id, commit, bytes on disk) of every converted model in the cache."""
+    root = cache_root(cache_dir)
+    out = []
+    for base in sorted(root.glob("*")) if root.is_dir() else []:
+        for folder in sorted(base.iterdir()):
+            if (folder / fmt.MANIFEST_NAME).is_file():
+                out.append((base.name.replace("--", "/", 1), folder.name, _size(folder)))
+    return out
+
+
+def remove_from_cache(repo_id: str, cache_dir: str | os.PathLike[str] | None = None) -> int:
+    """Delete every converted revision of `repo_id`; returns the bytes freed."""
+    base = _repo_dir(repo_id, cache_dir)
+    if not base.is_dir():
+        raise FileNotFoundError(f"`{repo_id}` is not in the pylomin cache at `{base.parent}`")
+    size = _size(base)
+    shutil.rmtree(base)
+    return size
+
+
+def _repo_dir(repo_id: str, cache_dir: str | os.PathLike[str] | None) -> Path:
+    return cache_root(cache_dir) / repo_id.replace("/", "--")
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())

@@ -1,0 +1,69 @@
+"""The plan as plain data: resident set, read-ahead, kernel hints and byte ranges, without threads or files."""
+
+from __future__ import annotations
+
+from pylomin.plan import Target, make_plan, merge
+
+# A GPT-2-like model: an embedding table tied to the LM head, positions, two blocks.
+TARGETS = [
+    Target("wte", ("wte.weight",), lookup=True),
+    Target("wpe", ("wpe.weight",), lookup=True),
+    Target("h.0", ("h.0.w", "h.0.b")),
+    Target("h.1", ("h.1.w", "h.1.b")),
+    Target("lm_head", ("wte.weight",)),
+]
+LOCATIONS = {
+    "wte.weight": ("u0", 64, 4000),
+    "wpe.weight": ("u1", 64, 1000),
+    "h.0.w": ("u2", 64, 3000),
+    "h.0.b": ("u2", 3064, 100),
+    "h.1.w": ("u3", 64, 3000),
+    "h.1.b": ("u3", 3064, 100),
+}
+
+
+def test_no_budget_streams_everything() -> None:
+    plan = make_plan(TARGETS, LOCATIONS)
+    assert plan.resident == frozenset() and plan.resident_bytes == 0
+    assert plan.read_ahead == (False, False, True, True, True)  # lookups are never read ahead
+    assert plan.streamed == [2, 3, 4]
+    assert plan.names == ("wte", "wpe", "h.0", "h.1", "lm_head")
+    assert plan.largest_streamed == 4000  # the tied table, read whole by the head
+
+
+def test_a_units_tensors_are_one_merged_range() -> None:
+    plan = make_plan(TARGETS, LOCATIONS)
+    assert plan.ranges[2] == (("u2", 64, 3100),)
+    assert plan.ranges[4] == (("u0", 64, 4000),)
+
+
+def test_tied_weights_first_then_lookups_then_target_order() -> None:
+    # 4000 (tied, used twice) fits; wpe (a lookup) before h.0.w at equal use; h.0.w does not fit,
+    # the smaller h.0.b after it does.
+    plan = make_plan(TARGETS, LOCATIONS, memory_budget=5150)
+    assert plan.resident == {"wte.weight", "wpe.weight", "h.0.b"}
+    assert plan.resident_bytes == 5100
+    assert plan.read_ahead == (False, False, True, True, False)  # the head's only tensor is resident
+
+
+def test_a_budget_larger_than_the_model_keeps_everything_and_reads_nothing_ahead() -> None:
+    plan = make_plan(TARGETS, LOCATIONS, memory_budget=10**9)
+    assert plan.resident == set(LOCATIONS)
+    assert plan.streamed == [] and plan.largest_streamed == 0
+
+
+def test_only_tables_that_are_only_looked_up_are_random_access() -> None:
+    plan = make_plan(TARGETS, LOCATIONS)
+    assert plan.random_access == (("u1", 64, 1000),)  # wpe; not wte, which the head reads whole
+    untied = make_plan(TARGETS[:4], LOCATIONS)
+    assert untied.random_access == (("u1", 64, 1000), ("u0", 64, 4000))
+
+
+def test_the_window_is_carried_as_given() -> None:
+    plan = make_plan(TARGETS, LOCATIONS, prefetch_units=3, prefetch_bytes=12345)
+    assert (plan.prefetch_units, plan.prefetch_bytes) == (3, 12345)
+
+
+def test_merge_joins_touching_ranges_per_file_only() -> None:
+    ranges = [("b", 0, 10), ("a", 10, 5), ("a", 0, 10), ("a", 30, 1), ("b", 5, 2)]
+    assert merge(ranges) == [("a", 0, 15), ("a", 30, 1), ("b", 0, 10)]
