@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from pylomin.plan import Plan
+from pylomin.plan import Plan, merge
 from pylomin.prefetch import Prefetcher, Recorder
 from pylomin.stage import Copy, Stager
 from pylomin.store import Store
@@ -129,7 +129,7 @@ class HookManager:
                     if slot.refs:
                         slot.refs = 0
                         slot.pinned = False
-                        self._release(slot)
+                        self._release([slot])
                     if restore:
                         # As loaded: the placeholder carries the dtype (integers are never cast).
                         self._set(
@@ -181,10 +181,12 @@ class HookManager:
             return  # our pre-hook did not run for this call (a hook before it raised): nothing is held
         _, held = frames.pop()
         with self._lock:
+            done = []
             for slot in held:
                 slot.refs -= 1
                 if slot.refs == 0:
-                    self._release(slot)
+                    done.append(slot)
+            self._release(done)
         if rec is not None:
             i = self.index[module]
             rec.end_compute(i, t0)
@@ -217,10 +219,13 @@ class HookManager:
         for module, attr in slot.owners:
             module._parameters[attr] = param
 
-    def _release(self, slot: Slot) -> None:
-        for module, attr in slot.owners:
-            module._parameters[attr] = slot.placeholder
-        if self.prefetcher is not None and not self.prefetcher.closed:
-            self.prefetcher.release_later(*self.store.location(slot.stored_name))
-        else:
-            self.store.done(*self.store.location(slot.stored_name))
+    def _release(self, slots: list[Slot]) -> None:
+        for slot in slots:
+            for module, attr in slot.owners:
+                module._parameters[attr] = slot.placeholder
+        # One merged range per file: the page cache drops a multi-page folio only when one call covers it.
+        for where in merge([self.store.location(s.stored_name) for s in slots]):
+            if self.prefetcher is not None and not self.prefetcher.closed:
+                self.prefetcher.release_later(*where)
+            else:
+                self.store.done(*where)
