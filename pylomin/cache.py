@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 from pylomin import hub
 from pylomin import manifest as fmt
@@ -32,31 +33,44 @@ def converted(
     *,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    model_cls: Any = None,
 ) -> Path:
     """The converted folder of `repo_id` at `revision`: from pylomin's cache, else downloaded and converted once.
 
+    With a transformers `model_cls`, the tensors are converted to the layout that class holds at
+    run time, and the cache keys the folder by class and transformers version as well as commit.
     A revision seen before resolves through the cache's `refs/` without touching the Hub. Two
     processes converting the same model wait on a lock; the second finds the first one's folder.
     """
     from filelock import FileLock
 
+    hf_cls = model_cls if isinstance(model_cls, type) and hasattr(model_cls, "config_class") else None
     base = _repo_dir(repo_id, cache_dir)
     ref = base / "refs" / (revision or "main")
     commit = revision if revision and _COMMIT.match(revision) else _read(ref)
-    if commit and (base / commit / fmt.MANIFEST_NAME).is_file():
-        return base / commit
+    if commit and (base / _folder_name(commit, hf_cls) / fmt.MANIFEST_NAME).is_file():
+        return base / _folder_name(commit, hf_cls)
     src = hub.snapshot(repo_id, revision)
     commit = src.name if _COMMIT.match(src.name) else (revision or "main")
-    out = base / commit
+    out = base / _folder_name(commit, hf_cls)
     base.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(base / f"{commit}.lock")):
+    with FileLock(str(base / f"{out.name}.lock")):
         if not (out / fmt.MANIFEST_NAME).is_file():
             logger.info("converting `%s` (%s) into the cache at `%s`", repo_id, commit, out)
             source: dict[str, object] = {"repo_id": repo_id, "revision": revision or "main", "commit": commit}
-            convert_local(src, out, source, progress=progress)
+            convert_local(src, out, source, progress=progress, model_cls=hf_cls)
         ref.parent.mkdir(parents=True, exist_ok=True)
         ref.write_text(commit)
     return out
+
+
+def _folder_name(commit: str, hf_cls: type | None) -> str:
+    # The layout depends on the class and on the transformers version's conversion mapping.
+    if hf_cls is None:
+        return commit
+    import transformers
+
+    return f"{commit}.{hf_cls.__name__}.transformers-{transformers.__version__}"
 
 
 def _read(path: Path) -> str | None:
@@ -67,7 +81,7 @@ def _read(path: Path) -> str | None:
 
 
 def list_cache(cache_dir: str | os.PathLike[str] | None = None) -> list[tuple[str, str, int]]:
-    """(repo id, commit, bytes on disk) of every converted model in the cache."""
+    """(repo id, folder: the commit, and the class and transformers version of its layout, bytes on disk) of every converted model."""
     root = cache_root(cache_dir)
     out = []
     for base in sorted(root.glob("*")) if root.is_dir() else []:

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +41,7 @@ EXTRA_FILES = (
 
 @dataclass
 class SourceTensor:
-    """One tensor of the source: raw bytes at `offset` in a safetensors `file`, or a mmap-backed `tensor`."""
+    """One tensor of the source: raw bytes at `offset` in a safetensors `file`, a mmap-backed `tensor`, or `produce()`."""
 
     name: str
     dtype: torch.dtype
@@ -49,6 +50,10 @@ class SourceTensor:
     offset: int = -1
     tensor: torch.Tensor | None = None
     mapped: bool = False  # `tensor` lives in a private file mapping (safe to drop pages from)
+    produce: Callable[[], torch.Tensor] | None = None  # made on demand instead (a converted layout's tensor)
+    pieces: list[tuple[SourceTensor, int, int]] | None = (
+        None  # or the bytes of these (source, offset, length), in order
+    )
 
     @property
     def nbytes(self) -> int:

@@ -29,6 +29,12 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--blocks-per-unit", type=int, default=1, metavar="N", help="blocks per unit file (default: 1)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     p.add_argument("--revision", help="with a Hub repo id: branch, tag or commit (default: main)")
+    p.add_argument(
+        "--model-cls",
+        metavar="CLASS",
+        help="the transformers class the folder will be loaded with, e.g. transformers.MixtralForCausalLM "
+        "(default: the class in config.json); tensors are written in the layout it holds at run time",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -42,6 +48,7 @@ def _convert(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.quiet,
         revision=args.revision,
+        model_cls=args.model_cls,
     )
     m = fmt.read(out)
     if not args.quiet:
@@ -78,7 +85,7 @@ def _run_model(args: argparse.Namespace) -> int:
 
     import torch
 
-    from pylomin.build import resolve_model_cls
+    from pylomin.meta import resolve_model_cls
     from pylomin.profile import profile
     from pylomin.streaming import load_streaming
 

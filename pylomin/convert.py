@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import re
@@ -10,6 +11,7 @@ import shutil
 import tempfile
 import zlib
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +41,7 @@ def convert(
     overwrite: bool = False,
     progress: bool = True,
     revision: str | None = None,
+    model_cls: str | type | None = None,
 ) -> Path:
     """Shard a checkpoint into one safetensors file per unit plus a `pylomin.json` manifest.
 
@@ -57,6 +60,10 @@ def convert(
         overwrite: replace a non-empty `out_dir`.
         progress: show a progress bar in bytes.
         revision: with a repo id, the branch, tag or commit (default `main`).
+        model_cls: the transformers class the folder will be loaded with (a class or an import path
+            such as `"transformers.MixtralForCausalLM"`); default the class in `config.json`'s
+            `architectures`. Tensors are written in the layout this class holds at run time
+            (transformers' checkpoint conversion mapping: renamed keys, fused experts).
 
     Returns:
         The path of the converted folder.
@@ -79,7 +86,16 @@ def convert(
         source = {"repo_id": repo_id, "revision": revision or "main", "commit": src.name}
     check_apart(Path(src), out)
     check_out(out, overwrite)
-    convert_local(src, out, source, dtype=out_dtype, unit=unit, blocks_per_unit=blocks_per_unit, progress=progress)
+    convert_local(
+        src,
+        out,
+        source,
+        dtype=out_dtype,
+        unit=unit,
+        blocks_per_unit=blocks_per_unit,
+        progress=progress,
+        model_cls=model_cls,
+    )
     return out
 
 
@@ -92,15 +108,48 @@ def convert_local(
     unit: Granularity = "block",
     blocks_per_unit: int = 1,
     progress: bool = True,
+    model_cls: str | type | None = None,
 ) -> fmt.Manifest:
     """`convert` of a local checkpoint, arguments already checked; `source` goes into the manifest."""
     ckpt = open_checkpoint(src)
     if not ckpt.tensors:
         raise ValueError(f"`{src}` holds no tensors")
+    ckpt, layout = _runtime_layout(ckpt, Path(src), model_cls)
     plan = plan_units([t.name for t in ckpt.tensors], unit=unit, blocks_per_unit=blocks_per_unit)
     source = {**source, "path": str(Path(src).resolve())}
     source["files"] = [{"name": f.name, "size": f.stat().st_size} for f in ckpt.weight_files]
-    return write_folder(ckpt, plan, out, dtype=dtype, progress=progress, source=source)
+    return write_folder(ckpt, plan, out, dtype=dtype, progress=progress, source=source, layout=layout)
+
+
+def _runtime_layout(
+    ckpt: Checkpoint, src: Path, model_cls: str | type | None
+) -> tuple[Checkpoint, dict[str, str] | None]:
+    """A transformers folder's tensors in the layout its model class holds at run time (see `pylomin.layout`)."""
+    if not (src.is_dir() and (src / "config.json").is_file()):
+        if model_cls is not None:
+            raise ValueError(f"model_cls is for a model folder with a config.json; `{src}` is not one")
+        return ckpt, None
+    try:
+        import transformers
+    except ImportError:
+        logger.info("transformers is not installed: `%s` is converted with its tensor names as they are", src)
+        return ckpt, None
+    from pylomin import layout
+    from pylomin.meta import build_on_meta, resolve_model_cls
+
+    if model_cls is None:
+        # The class that saved the checkpoint. Without one, names stay as they are: guessing a class
+        # (AutoModel) would strip a head's prefix the user's class may need.
+        architectures = json.loads((src / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+        model_cls = getattr(transformers, architectures[0], None) if architectures else None
+        if model_cls is None:
+            logger.info("`%s` names no known architecture: tensor names are kept; pass model_cls to convert them", src)
+            return ckpt, None
+    cls = resolve_model_cls(model_cls)
+    model = build_on_meta(cls, src, None)
+    if not isinstance(model, transformers.PreTrainedModel):
+        raise ValueError(f"model_cls must be a transformers model class, got `{type(model).__name__}`")
+    return layout.to_runtime_layout(ckpt, model)
 
 
 def write_folder(
@@ -111,6 +160,7 @@ def write_folder(
     dtype: torch.dtype | None = None,
     progress: bool = True,
     source: Mapping[str, object] | None = None,
+    layout: dict[str, str] | None = None,
 ) -> fmt.Manifest:
     """Write `ckpt` as the units of `plan` into `out`, atomically (built beside it, renamed last)."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -119,6 +169,7 @@ def write_folder(
     try:
         m = _write_units(ckpt, plan, tmp, dtype, progress)
         m.source = dict(source or {})
+        m.layout = layout
         m.dtype = str(dtype).removeprefix("torch.") if dtype else None
         for f in ckpt.extra_files:
             shutil.copyfile(f, tmp / f.name)
@@ -302,6 +353,12 @@ def _write_unit(
 
 def _chunks(t: SourceTensor, out_dtype: torch.dtype, handles: dict[Path, Any], buf: memoryview) -> Iterable[memoryview]:
     """The bytes of `t` cast to `out_dtype`, at most CHUNK_BYTES of source at a time."""
+    if t.produce is not None:  # converted in memory (a run-time layout): never mapped
+        t = replace(t, tensor=t.produce(), mapped=False, produce=None)
+    if t.pieces is not None:  # fused from byte ranges of other tensors (stacked experts): streamed piece by piece
+        for part, offset, length in t.pieces:
+            yield from _chunks(_byte_range(part, offset, length), out_dtype, handles, buf)
+        return
     if t.nbytes == 0:
         return
     step = CHUNK_BYTES // t.dtype.itemsize  # elements per chunk
@@ -336,6 +393,14 @@ def _chunks(t: SourceTensor, out_dtype: torch.dtype, handles: dict[Path, Any], b
         yield _as_bytes(block.contiguous(), out_dtype)
     if t.mapped:
         _os.drop_file_pages(x.data_ptr(), _span(x))
+
+
+def _byte_range(t: SourceTensor, offset: int, length: int) -> SourceTensor:
+    """Bytes `[offset, offset + length)` of `t` (whole elements) as a flat tensor of its own."""
+    first, count = offset // t.dtype.itemsize, length // t.dtype.itemsize
+    if t.tensor is None:
+        return replace(t, shape=(count,), offset=t.offset + offset)
+    return replace(t, shape=(count,), tensor=t.tensor.reshape(-1)[first : first + count])
 
 
 def _row_blocks(x: torch.Tensor, step: int) -> Iterable[torch.Tensor]:

@@ -102,6 +102,9 @@ class Manifest:
     source: dict[str, Any] = field(default_factory=dict)
     dtype: str | None = None
     extra_files: list[str] = field(default_factory=list)
+    # The run-time layout the tensors are in, when transformers' conversion mapping changed them:
+    # {"transformers": version, "model_cls": class name, "mapping": fingerprint}; None: as in the source.
+    layout: dict[str, str] | None = None
     format_version: int = FORMAT_VERSION
 
     def tensor_index(self) -> dict[str, tuple[Unit, TensorInfo]]:
@@ -120,6 +123,7 @@ class Manifest:
             "dtype": self.dtype,
             "aliases": self.aliases,
             "extra_files": self.extra_files,
+            "layout": self.layout,
             "units": [
                 {**asdict(u), "tensors": {n: {**asdict(t), "shape": list(t.shape)} for n, t in u.tensors.items()}}
                 for u in self.units
@@ -171,6 +175,7 @@ def read(folder: str | os.PathLike[str]) -> Manifest:
             source=dict(doc.get("source", {})),
             dtype=doc.get("dtype"),
             extra_files=[str(x) for x in doc.get("extra_files", [])],
+            layout=_layout_from_json(doc.get("layout")),
             format_version=version,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -199,6 +204,15 @@ def _unit_from_json(u: dict[str, Any], folder: Path) -> Unit:
             raise ValueError(f"tensor `{tname}` has unknown dtype {dtype!r}")
         infos[tname] = TensorInfo(dtype, tuple(shape), _int(t["offset"]), _int(t["length"]))
     return Unit(name, file, _int(u["size"]), str(u["checksum"]), list(modules), infos)
+
+
+def _layout_from_json(layout: object) -> dict[str, str] | None:
+    if layout is None:
+        return None
+    keys = {"transformers", "model_cls", "mapping"}
+    if not isinstance(layout, dict) or set(layout) != keys or not all(isinstance(v, str) for v in layout.values()):
+        raise TypeError(f"`layout` must be null or an object with string fields {sorted(keys)}, got {layout!r}")
+    return dict(layout)
 
 
 def _int(x: object) -> int:

@@ -16,10 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from pylomin import cache, hub
+from pylomin import cache, hub, layout
 from pylomin import manifest as fmt
-from pylomin.build import bind, build_on_meta, stored_dtype
+from pylomin.build import bind, stored_dtype
 from pylomin.hooks import HookManager
+from pylomin.meta import build_on_meta
 from pylomin.plan import Target, make_plan
 from pylomin.prefetch import Prefetcher
 from pylomin.stage import Copy, PinnedCopy
@@ -145,13 +146,14 @@ def load_streaming(
     )
     folder = Path(path)
     if hub.is_repo_id(path):
-        folder = cache.converted(os.fspath(path), revision, cache_dir=cache_dir)
+        folder = cache.converted(os.fspath(path), revision, cache_dir=cache_dir, model_cls=model_cls)
     elif not folder.exists():
         raise FileNotFoundError(
             f"`{folder}` does not exist; convert a model first with `pylomin-convert MODEL {folder}`"
         )
     manifest = fmt.read(folder)
     model = build_on_meta(model_cls, folder, options.dtype or stored_dtype(manifest))
+    layout.check(manifest.layout, model, folder)
     return attach_(model, folder, manifest, options).eval()
 
 

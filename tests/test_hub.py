@@ -14,6 +14,13 @@ from tests import python
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
+def folder_name(cls: str) -> str:
+    """The cache folder of COMMIT converted for transformers' `cls`: its layout depends on class and version."""
+    import transformers
+
+    return f"{COMMIT}.{cls}.transformers-{transformers.__version__}"
+
+
 def hf_cache(hub: Path, repo_id: str, files: Path, *, commit: str = COMMIT, bin_only: bool = False) -> None:
     """Lay out `models--org--name/{refs/main, snapshots/<commit>/...}` as huggingface_hub does."""
     repo = hub / f"models--{repo_id.replace('/', '--')}"
@@ -72,7 +79,7 @@ def test_load_by_repo_id_offline_converts_once(env: dict[str, str], repo: str, c
     assert first.returncode == 0, first.stderr
     assert "EQUAL True" in first.stdout
     assert "converting `" in first.stderr
-    converted = tmp_path / "pl-cache" / repo.replace("/", "--") / COMMIT
+    converted = tmp_path / "pl-cache" / repo.replace("/", "--") / folder_name(cls)
     manifest = json.loads((converted / "pylomin.json").read_text())
     assert manifest["source"]["repo_id"] == repo and manifest["source"]["commit"] == COMMIT
     assert manifest["source"]["revision"] == "main"  # what was asked for; the commit is recorded beside it
@@ -118,7 +125,7 @@ def test_cli_convert_by_repo_id_and_cache_commands(env: dict[str, str], tmp_path
         == 0
     )
     res = python.cli("cache", "ls", env=env)
-    assert res.returncode == 0 and f"org/tiny-bert  {COMMIT}" in res.stdout, res.stdout
+    assert res.returncode == 0 and f"org/tiny-bert  {folder_name('BertModel')}" in res.stdout, res.stdout
     res = python.cli("cache", "rm", "org/tiny-bert", env=env)
     assert res.returncode == 0 and "removed org/tiny-bert" in res.stdout
     res = python.cli("cache", "rm", "org/tiny-bert", env=env)
@@ -135,7 +142,7 @@ def test_two_processes_convert_the_same_model_at_once(env: dict[str, str], tmp_p
     outs = [p.communicate(timeout=240) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
     base = tmp_path / "pl-cache" / "org--tiny-bert"
-    assert sorted(p.name for p in base.iterdir() if not p.name.endswith(".lock")) == [COMMIT, "refs"]
+    assert sorted(p.name for p in base.iterdir() if not p.name.endswith(".lock")) == [folder_name("BertModel"), "refs"]
     import pylomin
 
-    pylomin.verify(base / COMMIT)
+    pylomin.verify(base / folder_name("BertModel"))

@@ -12,7 +12,7 @@ from torch import nn
 
 import pylomin
 from pylomin import manifest as fmt
-from pylomin.build import build_on_meta
+from pylomin.meta import build_on_meta
 from pylomin.streaming import Options, attach_, stream_of
 from tests import models
 

@@ -1,0 +1,84 @@
+"""Building a model with its parameters on meta (nothing allocated, nothing read), from a class or an import path."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pylomin.errors import PylominError
+
+_META_LOCK = threading.Lock()
+
+
+def resolve_model_cls(model_cls: str | Callable[..., nn.Module] | type) -> Callable[..., nn.Module] | type:
+    """An import path (`"transformers.BertModel"` or `"pkg.mod:factory"`) -> the object; anything else as is."""
+    if not isinstance(model_cls, str):
+        return model_cls
+    module, sep, attr = model_cls.partition(":") if ":" in model_cls else model_cls.rpartition(".")
+    if not sep or not module or not attr:
+        raise ValueError(f"cannot import {model_cls!r}: write it as 'package.module.Class' or 'package.module:factory'")
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot import `{model_cls}` ({e}); give e.g. transformers.BertModel") from None
+    return obj  # type: ignore[no-any-return]
+
+
+def build_on_meta(model_cls: Callable[..., nn.Module] | type, folder: Path, dtype: torch.dtype | None) -> nn.Module:
+    is_hf = isinstance(model_cls, type) and (hasattr(model_cls, "_from_config") or hasattr(model_cls, "_model_mapping"))
+    with params_on_meta():
+        if is_hf:
+            from transformers import AutoConfig
+
+            if not (folder / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"`{folder / 'config.json'}` not found: a transformers class is built from the folder's config; "
+                    "pass a zero-argument factory returning the model instead"
+                )
+            config = AutoConfig.from_pretrained(folder)
+            expected = getattr(getattr(model_cls, "config_class", None), "model_type", "")
+            if expected and config.model_type != expected:
+                raise PylominError(
+                    f"`{folder / 'config.json'}` describes a `{config.model_type}` model, but `{model_cls.__name__}` "
+                    f"is a `{expected}` class; pass the class matching the checkpoint (or an Auto class)"
+                )
+            build = getattr(model_cls, "_from_config", None) or model_cls.from_config  # type: ignore[union-attr]
+            model = build(config, dtype=dtype) if dtype is not None else build(config)
+            if hasattr(model, "tie_weights"):
+                model.tie_weights()
+        else:
+            model = model_cls()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model_cls returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+@contextlib.contextmanager
+def params_on_meta() -> Iterator[None]:
+    """Every parameter registered while this is active lands on meta; buffers stay real.
+
+    Buffers computed in `__init__` (position ids, rotary frequencies, masks) keep their values,
+    which building under `torch.device("meta")` would lose.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    with _META_LOCK:
+        nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
+        try:
+            yield
+        finally:
+            nn.Module.register_parameter = original  # type: ignore[method-assign]
