@@ -46,7 +46,7 @@ def build_on_meta(model_cls: Callable[..., nn.Module] | type, folder: Path, dtyp
                 )
             config = AutoConfig.from_pretrained(folder)
             expected = getattr(getattr(model_cls, "config_class", None), "model_type", "")
-            if expected and config.model_type != expected:
+            if expected and config.model_type != expected and not _borrowed(model_cls, config.model_type):
                 raise PylominError(
                     f"`{folder / 'config.json'}` describes a `{config.model_type}` model, but `{model_cls.__name__}` "
                     f"is a `{expected}` class; pass the class matching the checkpoint (or an Auto class)"
@@ -60,6 +60,16 @@ def build_on_meta(model_cls: Callable[..., nn.Module] | type, folder: Path, dtyp
     if not isinstance(model, nn.Module):
         raise TypeError(f"model_cls returned a {type(model).__name__}, not an nn.Module")
     return model
+
+
+def _borrowed(model_cls: Any, model_type: str) -> bool:
+    # transformers maps some model types to another architecture's class (exaone -> LlamaForCausalLM).
+    from transformers.models.auto import modeling_auto
+
+    tables = [getattr(modeling_auto, n) for n in dir(modeling_auto) if n.endswith("_MAPPING_NAMES")]
+    names = [t.get(model_type) for t in tables if isinstance(t, dict)]
+    flat = {x for n in names if n for x in (n if isinstance(n, (list, tuple)) else [n])}
+    return model_cls.__name__ in flat
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import pylomin
 from pylomin import manifest as fmt
 from pylomin.memory import PeakRss
-from tests import models
+from tests import models, tiny_models
 
 
 def mixtral(experts: int = 4, hidden: int = 32, intermediate: int = 48) -> transformers.MixtralForCausalLM:
@@ -125,3 +125,78 @@ def test_fusing_experts_streams_in_bounded_memory(tmp_path: Path) -> None:
     w1 = [want[f"model.layers.0.block_sparse_moe.experts.{e}.w1.weight"] for e in range(8)]
     w3 = [want[f"model.layers.0.block_sparse_moe.experts.{e}.w3.weight"] for e in range(8)]
     assert torch.equal(got["model.layers.0.mlp.experts.gate_up_proj"], torch.cat([torch.stack(w1), torch.stack(w3)], 1))
+
+
+# A parent reads a child module's parameters itself (`self.position_embedding.weight`, DETR's query
+# embeddings, torch's MultiheadAttention reading `out_proj.weight`) without calling the child, so the
+# child's hooks never page them in: the forward meets a meta tensor. A known limit of per-module hooks;
+# strict, so a fix shows up here.
+_PARENT_READS = "a parent reads a child's parameters without calling it: the child's hooks never run"
+PARENT_READS = {
+    key: _PARENT_READS
+    for key in (
+        "ConditionalDetrForSegmentation",
+        "ConditionalDetrModel",
+        "DetrForSegmentation",
+        "DetrModel",
+        "RfDetrForInstanceSegmentation",
+        "RfDetrForObjectDetection",
+        "RfDetrModel",
+        "Siglip2VisionModel",
+        "SiglipVisionModel",
+        "deepseek_ocr2",
+        "deformable_detr",
+        "lw_detr",
+        "maskformer",
+        "sam3_tracker",
+        "step3p5_vision",
+        "step3p7",
+        "unlimited_ocr",
+    )
+}
+
+
+def tensors_of(output: object) -> list[torch.Tensor]:
+    """Every tensor in a model output (nested tuples, lists, dicts and ModelOutputs), in order."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        return [t for v in output.values() for t in tensors_of(v)]
+    if isinstance(output, (list, tuple)):
+        return [t for v in output for t in tensors_of(v)]
+    return []
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=PARENT_READS[k])) if k in PARENT_READS else k
+        for k in tiny_models.conversion_keys()
+    ],
+)
+def test_every_architecture_with_a_conversion_mapping(key: str, tmp_path: Path) -> None:
+    # Enumerated from transformers' registry: a new architecture is covered without editing this test.
+    if key in tiny_models.SKIP:
+        pytest.skip(tiny_models.SKIP[key])
+    cls, config = tiny_models.tiny(key)
+    torch.manual_seed(0)
+    cls._from_config(config).eval().save_pretrained(tmp_path / "src")
+    ref = cls.from_pretrained(tmp_path / "src").eval()
+    out = pylomin.convert(tmp_path / "src", tmp_path / "out", progress=False, model_cls=cls)
+    # Every weight as the class holds it after from_pretrained (the forward may not touch all: a VLM's
+    # vision tower on text input), stored once or tied.
+    m = fmt.read(out)
+    stored = {n: out / u.file for u in m.units for n in u.tensors}
+    for name, want in ref.state_dict().items():
+        source = m.aliases.get(name, name)
+        if source in stored:
+            assert torch.equal(load_file(stored[source])[source], want), name
+    model = pylomin.load_streaming(out, cls)
+    x = tiny_models.inputs(ref)
+    with torch.no_grad():
+        want, got = ref(**x), model(**x)
+    pairs = list(zip(tensors_of(got), tensors_of(want), strict=True))
+    assert pairs and all(torch.equal(a, b) for a, b in pairs)
+    if tiny_models.is_causal_lm(ref):
+        kwargs = dict(max_new_tokens=3, do_sample=False)
+        assert torch.equal(model.generate(**x, **kwargs), ref.generate(**x, **kwargs))
