@@ -10,7 +10,7 @@ import re
 import shutil
 import tempfile
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -114,8 +114,8 @@ def convert_local(
     ckpt = open_checkpoint(src)
     if not ckpt.tensors:
         raise ValueError(f"`{src}` holds no tensors")
-    ckpt, layout = _runtime_layout(ckpt, Path(src), model_cls)
-    plan = plan_units([t.name for t in ckpt.tensors], unit=unit, blocks_per_unit=blocks_per_unit)
+    ckpt, layout, experts = _runtime_layout(ckpt, Path(src), model_cls)
+    plan = plan_units([t.name for t in ckpt.tensors], unit=unit, blocks_per_unit=blocks_per_unit, own=experts)
     source = {**source, "path": str(Path(src).resolve())}
     source["files"] = [{"name": f.name, "size": f.stat().st_size} for f in ckpt.weight_files]
     return write_folder(ckpt, plan, out, dtype=dtype, progress=progress, source=source, layout=layout)
@@ -123,19 +123,20 @@ def convert_local(
 
 def _runtime_layout(
     ckpt: Checkpoint, src: Path, model_cls: str | type | None
-) -> tuple[Checkpoint, dict[str, str] | None]:
-    """A transformers folder's tensors in the layout its model class holds at run time (see `pylomin.layout`)."""
+) -> tuple[Checkpoint, dict[str, str] | None, set[str]]:
+    """A transformers folder's tensors in the layout its model class holds at run time (see `pylomin.layout`),
+    the layout's record, and the model's fused-experts modules."""
     if not (src.is_dir() and (src / "config.json").is_file()):
         if model_cls is not None:
             raise ValueError(f"model_cls is for a model folder with a config.json; `{src}` is not one")
-        return ckpt, None
+        return ckpt, None, set()
     try:
         import transformers
     except ImportError:
         logger.info("transformers is not installed: `%s` is converted with its tensor names as they are", src)
-        return ckpt, None
+        return ckpt, None, set()
     from pylomin import layout
-    from pylomin.meta import build_on_meta, resolve_model_cls
+    from pylomin.meta import build_on_meta, experts_count, resolve_model_cls
 
     if model_cls is None:
         # The class that saved the checkpoint. Without one, names stay as they are: guessing a class
@@ -144,12 +145,13 @@ def _runtime_layout(
         model_cls = getattr(transformers, architectures[0], None) if architectures else None
         if model_cls is None:
             logger.info("`%s` names no known architecture: tensor names are kept; pass model_cls to convert them", src)
-            return ckpt, None
+            return ckpt, None, set()
     cls = resolve_model_cls(model_cls)
     model = build_on_meta(cls, src, None)
     if not isinstance(model, transformers.PreTrainedModel):
         raise ValueError(f"model_cls must be a transformers model class, got `{type(model).__name__}`")
-    return layout.to_runtime_layout(ckpt, model)
+    experts = {name for name, m in model.named_modules() if experts_count(m) is not None}
+    return (*layout.to_runtime_layout(ckpt, model), experts)
 
 
 def write_folder(
@@ -224,8 +226,17 @@ def check_apart(src: Path, out: Path) -> None:
         )
 
 
-def plan_units(names: Iterable[str], *, unit: Granularity = "block", blocks_per_unit: int = 1) -> dict[str, list[str]]:
+def plan_units(
+    names: Iterable[str],
+    *,
+    unit: Granularity = "block",
+    blocks_per_unit: int = 1,
+    own: Set[str] = frozenset(),
+) -> dict[str, list[str]]:
     """Group tensor names into units; returns unit name -> the modules it covers, in execution-order hint.
+
+    Modules in `own` are units of their own whatever the granularity (fused experts: a token reads a
+    few of them, so nothing else in their file may pull their pages in by read-around).
 
     >>> plan_units(["emb.weight", "layers.0.fc.weight", "layers.1.fc.weight"], blocks_per_unit=2)
     {'emb': ['emb'], 'layers.0-1': ['layers.0', 'layers.1']}
@@ -234,6 +245,10 @@ def plan_units(names: Iterable[str], *, unit: Granularity = "block", blocks_per_
     units: dict[str, list[str]] = {}
     for name in names:
         module = name.rpartition(".")[0]
+        separate = fmt.enclosing_module(module, own) if own else None
+        if separate is not None:
+            units.setdefault(separate, [separate])
+            continue
         block = _block_of(module) if unit == "block" else None
         if block is None:
             units.setdefault(module, [module])

@@ -48,6 +48,7 @@ class HookManager:
         device: torch.device,
         dtype: torch.dtype | None,
         copy: Copy | None = None,
+        experts: dict[nn.Module, list[str]] | None = None,
     ):
         self.store = store
         self.root = root
@@ -57,6 +58,7 @@ class HookManager:
         self.device = device
         self.dtype = dtype
         self.copy = copy  # copies streamed units to the device on the reader thread (CUDA); None: on demand
+        self.experts = experts or {}  # experts module -> its fused tensors (stored names in plan.experts)
         # The reader knows targets by index only: a module reference would keep the model alive
         # through its hooks for as long as the thread runs.
         self.index = {m: i for i, m in enumerate(order)}
@@ -113,6 +115,8 @@ class HookManager:
         for module in self.order:
             self._handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._post, always_call=True))
+        for module in self.experts:
+            self._handles.append(module.register_forward_pre_hook(self._read_chosen_experts, with_kwargs=True))
 
     def detach(self, *, restore: bool = False) -> None:
         """Remove the hooks, stop the reader, and put every parameter back on meta (or in memory: `restore`)."""
@@ -191,6 +195,14 @@ class HookManager:
             i = self.index[module]
             rec.end_compute(i, t0)
             rec.add(i, "release", t0, time.perf_counter_ns())
+
+    def _read_chosen_experts(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        # forward(hidden_states, top_k_index, top_k_weights): the router's choice is an argument.
+        index = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
+        if not isinstance(index, torch.Tensor):
+            return  # called some other way: the chosen experts' pages fault in as they are used
+        chosen = [int(e) for e in torch.unique(index).tolist()]
+        self.store.read_exactly([r for name in self.experts[module] for r in self.plan.experts[name].ranges(chosen)])
 
     def _materialize(self, slot: Slot) -> bool:
         """Put the slot's tensor in place; True when it is a copy (device or dtype), not a view of the file."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -92,3 +93,14 @@ def params_on_meta() -> Iterator[None]:
             yield
         finally:
             nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def experts_count(module: nn.Module) -> int | None:
+    """The number of experts of a fused experts module (transformers' `forward(hidden_states, top_k_index,
+    top_k_weights)` over `[E, ...]` parameters), else None."""
+    count = getattr(module, "num_experts", None)
+    if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
+        return None
+    if "top_k_index" not in inspect.signature(module.forward).parameters:
+        return None
+    return count

@@ -7,7 +7,7 @@ no threads, no files, no torch. The hooks, the reader thread and the device stag
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 Range = tuple[str, int, int]  # (unit file, byte offset, byte length)
 
@@ -19,6 +19,21 @@ class Target:
     name: str
     tensors: tuple[str, ...]
     lookup: bool = False  # reads a few rows of its tensors (an embedding table), not all of them
+
+
+@dataclass(frozen=True)
+class Experts:
+    """A fused experts tensor (`[E, ...]`): expert `e` is bytes `[offset + e * stride, + stride)` of `file`."""
+
+    file: str
+    offset: int
+    stride: int
+    count: int
+
+    def ranges(self, chosen: list[int]) -> list[Range]:
+        """The byte ranges of the `chosen` experts, merged where they touch."""
+        picked = [(self.file, self.offset + e * self.stride, self.stride) for e in chosen if 0 <= e < self.count]
+        return merge(picked)
 
 
 @dataclass(frozen=True)
@@ -34,6 +49,9 @@ class Plan:
     prefetch_units: int  # read-ahead window: at most this many targets ...
     prefetch_bytes: int  # ... and this many bytes ahead
     largest_streamed: int  # bytes of the largest tensor that is read ahead (sizes a staging buffer)
+    # Fused experts tensors by stored name: never read ahead whole nor read around on a fault; the
+    # experts the router chose are read when the experts module starts.
+    experts: Mapping[str, Experts] = field(default_factory=dict)
 
     @property
     def streamed(self) -> list[int]:
@@ -48,6 +66,7 @@ def make_plan(
     memory_budget: int = 0,
     prefetch_units: int = 2,
     prefetch_bytes: int = 256 * 2**20,
+    experts: Mapping[str, int] | None = None,
 ) -> Plan:
     """Decide the plan for `targets` (module definition order) whose tensors lie at `locations`.
 
@@ -57,7 +76,16 @@ def make_plan(
     - Embedding lookups read a few rows: never read ahead, and mapped random-access unless the same
       tensor is also read whole by another target (a tied LM head wants the kernel's read-ahead).
     - A target whose tensors are all resident is not read ahead either.
+    - `experts` names fused experts tensors (stored name -> number of experts, the leading dim): a
+      token uses a few of them, so they are left out of their target's read-ahead, mapped
+      random-access, and read per expert once the router has chosen.
     """
+    experts = experts or {}
+    fused = {
+        name: Experts(locations[name][0], locations[name][1], locations[name][2] // count, count)
+        for name, count in experts.items()
+        if count > 0 and locations[name][2] % count == 0
+    }
     uses: dict[str, int] = {}
     for t in targets:
         for name in t.tensors:
@@ -74,18 +102,24 @@ def make_plan(
                 used += nbytes
                 resident.add(name)
 
-    read_ahead = tuple(not t.lookup and not all(n in resident for n in t.tensors) for t in targets)
-    streamed = [n for t, r in zip(targets, read_ahead, strict=True) if r for n in t.tensors if n not in resident]
+    def read_whole_of(t: Target) -> list[str]:
+        return [n for n in t.tensors if n not in fused]
+
+    read_ahead = tuple(
+        not t.lookup and not all(n in resident for n in read_whole_of(t)) and bool(read_whole_of(t)) for t in targets
+    )
+    streamed = [n for t, r in zip(targets, read_ahead, strict=True) if r for n in read_whole_of(t) if n not in resident]
     return Plan(
         names=tuple(t.name for t in targets),
-        ranges=tuple(tuple(merge([locations[n] for n in t.tensors])) for t in targets),
+        ranges=tuple(tuple(merge([locations[n] for n in read_whole_of(t)])) for t in targets),
         resident=frozenset(resident),
         resident_bytes=used,
-        random_access=tuple(locations[n] for n in sorted(looked_up - read_whole)),
+        random_access=tuple(locations[n] for n in sorted((looked_up - read_whole) | set(fused))),
         read_ahead=read_ahead,
         prefetch_units=prefetch_units,
         prefetch_bytes=prefetch_bytes,
         largest_streamed=max((locations[n][2] for n in streamed), default=0),
+        experts=fused,
     )
 
 

@@ -56,7 +56,12 @@ class Store:
                     f"unit file `{path}` has {size} bytes, the manifest says {unit.size}: it is truncated or was "
                     "replaced; convert the model again"
                 )
-            if fmt.decode_header(path, f, size) != unit.tensors:
+            # Only the header is wanted here: without the hint, the kernel's read-ahead of a file read
+            # from its start pulls in the first tensors too (experts nobody chose, say).
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+            header = fmt.decode_header(path, f, size)
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_NORMAL)
+            if header != unit.tensors:
                 raise PylominError(
                     f"unit file `{path}` does not hold the tensors the manifest lists for unit `{unit.name}` "
                     "(it was replaced or edited); convert the model again"
@@ -127,6 +132,27 @@ class Store:
                 pos += n
         finally:
             os.close(fd)
+
+    def read_exactly(self, ranges: list[tuple[str, int, int]]) -> None:
+        """Make exactly these ranges resident, all of their reads in flight at once.
+
+        For ranges mapped random-access (fused experts): the kernel reads no pages around a fault
+        there, so faulting them in would read 4 KiB at a time. `POSIX_FADV_WILLNEED` first queues
+        each whole range as large reads (the disk's queue depth, not one range after another), then
+        the pages are mapped from the page cache.
+        """
+        for file, offset, length in ranges:
+            m = self._maps.get(file)
+            if m is None or length <= 0:
+                continue
+            begin, end = _os.page_range(offset, length, len(m))
+            fd = os.open(self._paths[file], os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, begin, end - begin, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+        for where in ranges:
+            self.prefetch(*where)
 
     def done(self, file: str, offset: int, length: int) -> None:
         """Unmap the pages of a range from this process, and drop them from the page cache unless kept warm.

@@ -19,8 +19,8 @@ from torch import nn
 from pylomin import cache, hub, layout
 from pylomin import manifest as fmt
 from pylomin.build import bind, stored_dtype
-from pylomin.hooks import HookManager
-from pylomin.meta import build_on_meta
+from pylomin.hooks import HookManager, Slot
+from pylomin.meta import build_on_meta, experts_count
 from pylomin.plan import Target, make_plan
 from pylomin.prefetch import Prefetcher
 from pylomin.stage import Copy, PinnedCopy
@@ -190,16 +190,31 @@ def attach_(
             for m in order
         ]
         locations = {name: store.location(name) for name in manifest.tensor_index()}
+        # Per-expert paging needs parameters that are views of the files (a device or dtype copy
+        # copies whole tensors).
+        zero_copy = device.type == "cpu" and options.dtype in (None, stored_dtype(manifest))
+        experts = _fused_experts(model, slots) if zero_copy else {}
         plan = make_plan(
             targets,
             locations,
             memory_budget=options.memory_budget,
             prefetch_units=options.prefetch,
             prefetch_bytes=options.prefetch_bytes,
+            experts={name: count for names, count in experts.values() for name in names},
         )
         if copy is None and device.type == "cuda":
             copy = PinnedCopy(device, plan.largest_streamed)
-        manager = HookManager(store, model, order, slots, plan, device=device, dtype=options.dtype, copy=copy)
+        manager = HookManager(
+            store,
+            model,
+            order,
+            slots,
+            plan,
+            device=device,
+            dtype=options.dtype,
+            copy=copy,
+            experts={m: names for m, (names, _) in experts.items() if all(n in plan.experts for n in names)},
+        )
         manager.attach()
     except BaseException:
         if manager is not None:
@@ -214,6 +229,25 @@ def attach_(
     cleanup = weakref.finalize(model, _close, manager.prefetcher, store, folder if remove_folder else None)
     model.__dict__[_STREAM] = Stream(store, manager, base, device, restore, cleanup)
     return model
+
+
+def _fused_experts(model: nn.Module, slots: dict[nn.Module, list[Slot]]) -> dict[nn.Module, tuple[list[str], int]]:
+    """Experts modules (transformers' `forward(hidden_states, top_k_index, top_k_weights)`) -> their fused
+    tensors' stored names (leading dim = number of experts) and the number of experts."""
+    stored = {(m, attr): s.stored_name for ss in slots.values() for s in ss for m, attr in s.owners}
+    out: dict[nn.Module, tuple[list[str], int]] = {}
+    for module in model.modules():
+        count = experts_count(module)
+        if count is None:
+            continue
+        names = [
+            stored[(module, attr)]
+            for attr, p in module._parameters.items()
+            if p is not None and p.dim() >= 2 and p.shape[0] == count and (module, attr) in stored
+        ]
+        if names:
+            out[module] = (names, count)
+    return out
 
 
 def unload_(model: nn.Module) -> nn.Module:

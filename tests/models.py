@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import os
+from pathlib import Path
+
 import torch
 import transformers
 from torch import nn
@@ -108,3 +113,38 @@ def mappings_of(prefix: str) -> list[dict[str, str]]:
 def kib(value: str) -> int:
     """Bytes of an smaps size field such as `"132 kB"`."""
     return int(value.split()[0]) * 1024
+
+
+_libc = ctypes.CDLL(None, use_errno=True)  # the tests' own handle: argtypes set here stay out of pylomin's
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
+def cached_pages(path: Path) -> list[bool]:
+    """Which pages of the file are in the page cache: mincore(2) on a fresh mapping, which touches none."""
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    finally:
+        os.close(fd)
+    assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+    vec = (ctypes.c_ubyte * (-(-size // mmap.PAGESIZE)))()
+    try:
+        assert _libc.mincore(addr, size, vec) == 0, os.strerror(ctypes.get_errno())
+    finally:
+        _libc.munmap(addr, size)
+    return [bool(b & 1) for b in vec]
+
+
+def evict(files: list[Path]) -> None:
+    """Write `files` back and drop them from the page cache: what is cached afterwards, something read."""
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)

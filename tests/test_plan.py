@@ -67,3 +67,19 @@ def test_the_window_is_carried_as_given() -> None:
 def test_merge_joins_touching_ranges_per_file_only() -> None:
     ranges = [("b", 0, 10), ("a", 10, 5), ("a", 0, 10), ("a", 30, 1), ("b", 5, 2)]
     assert merge(ranges) == [("a", 0, 15), ("a", 30, 1), ("b", 0, 10)]
+
+
+def test_fused_experts_are_read_per_expert_never_ahead() -> None:
+    targets = [Target("layer", ("attn.w", "experts.up")), Target("experts", ("experts.down",))]
+    locations = {"attn.w": ("u0", 64, 1000), "experts.up": ("u1", 64, 8 * 4096), "experts.down": ("u2", 64, 8 * 2048)}
+    plan = make_plan(targets, locations, experts={"experts.up": 8, "experts.down": 8})
+    assert plan.ranges == ((("u0", 64, 1000),), ())  # the layer reads its attention only; experts never whole
+    assert plan.read_ahead == (True, False)
+    assert set(plan.random_access) == {locations["experts.up"], locations["experts.down"]}
+    up = plan.experts["experts.up"]
+    assert (up.stride, up.count) == (4096, 8)
+    assert up.ranges([5, 2, 3, 9]) == [
+        ("u1", 64 + 2 * 4096, 2 * 4096),
+        ("u1", 64 + 5 * 4096, 4096),
+    ]  # 9: no such expert
+    assert plan.largest_streamed == 1000
