@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import re
@@ -22,6 +21,7 @@ from pylomin import _os, hub
 from pylomin import manifest as fmt
 from pylomin.checkpoint import Checkpoint, SourceTensor, open_checkpoint
 from pylomin.errors import PylominError
+from pylomin.layout import runtime_layout
 
 logger = logging.getLogger(__name__)
 
@@ -114,44 +114,11 @@ def convert_local(
     ckpt = open_checkpoint(src)
     if not ckpt.tensors:
         raise ValueError(f"`{src}` holds no tensors")
-    ckpt, layout, experts = _runtime_layout(ckpt, Path(src), model_cls)
+    ckpt, layout, experts = runtime_layout(ckpt, Path(src), model_cls)
     plan = plan_units([t.name for t in ckpt.tensors], unit=unit, blocks_per_unit=blocks_per_unit, own=experts)
     source = {**source, "path": str(Path(src).resolve())}
     source["files"] = [{"name": f.name, "size": f.stat().st_size} for f in ckpt.weight_files]
     return write_folder(ckpt, plan, out, dtype=dtype, progress=progress, source=source, layout=layout)
-
-
-def _runtime_layout(
-    ckpt: Checkpoint, src: Path, model_cls: str | type | None
-) -> tuple[Checkpoint, dict[str, str] | None, set[str]]:
-    """A transformers folder's tensors in the layout its model class holds at run time (see `pylomin.layout`),
-    the layout's record, and the model's fused-experts modules."""
-    if not (src.is_dir() and (src / "config.json").is_file()):
-        if model_cls is not None:
-            raise ValueError(f"model_cls is for a model folder with a config.json; `{src}` is not one")
-        return ckpt, None, set()
-    try:
-        import transformers
-    except ImportError:
-        logger.info("transformers is not installed: `%s` is converted with its tensor names as they are", src)
-        return ckpt, None, set()
-    from pylomin import layout
-    from pylomin.meta import build_on_meta, experts_count, resolve_model_cls
-
-    if model_cls is None:
-        # The class that saved the checkpoint. Without one, names stay as they are: guessing a class
-        # (AutoModel) would strip a head's prefix the user's class may need.
-        architectures = json.loads((src / "config.json").read_text(encoding="utf-8")).get("architectures") or []
-        model_cls = getattr(transformers, architectures[0], None) if architectures else None
-        if model_cls is None:
-            logger.info("`%s` names no known architecture: tensor names are kept; pass model_cls to convert them", src)
-            return ckpt, None, set()
-    cls = resolve_model_cls(model_cls)
-    model = build_on_meta(cls, src, None)
-    if not isinstance(model, transformers.PreTrainedModel):
-        raise ValueError(f"model_cls must be a transformers model class, got `{type(model).__name__}`")
-    experts = {name for name, m in model.named_modules() if experts_count(m) is not None}
-    return (*layout.to_runtime_layout(ckpt, model), experts)
 
 
 def write_folder(
