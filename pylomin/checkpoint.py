@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pickle
 from collections.abc import Callable
@@ -57,7 +58,7 @@ class SourceTensor:
 
     @property
     def nbytes(self) -> int:
-        return self.dtype.itemsize * _numel(self.shape)
+        return self.dtype.itemsize * math.prod(self.shape)
 
 
 @dataclass
@@ -206,10 +207,3 @@ def _as_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise PylominError(f"`{path}` does not hold a state dict (a dict of tensor names to tensors)")
     return {str(k): v for k, v in obj.items()}
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

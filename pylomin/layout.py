@@ -14,6 +14,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -102,13 +103,6 @@ class _Bytes:
         return out
 
 
-def _numel(shape: tuple[int, ...] | torch.Size) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 class _StackBytes:
     """`MergeModulelist(dim=0)` on byte layouts: stacking along a new first dim is concatenating the bytes."""
 
@@ -143,8 +137,8 @@ class _CatBytes:
                 value = input_dict.pop(pattern)
                 parts.extend(value if isinstance(value, list) else [value])
         d = self.dim % len(parts[0].shape)
-        outer = _numel(parts[0].shape[:d])
-        slabs = [_numel(b.shape[d:]) * b.dtype.itemsize for b in parts]
+        outer = math.prod(parts[0].shape[:d])
+        slabs = [math.prod(b.shape[d:]) * b.dtype.itemsize for b in parts]
         pieces = [p for o in range(outer) for b, n in zip(parts, slabs, strict=True) for p in b.slab(o * n, n)]
         shape = list(parts[0].shape)
         shape[d] = sum(b.shape[d] for b in parts)
@@ -173,8 +167,8 @@ def _meta_tensor(t: SourceTensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device="meta")
 
 
-def fingerprint(model: PreTrainedModel) -> tuple[str, bool]:
-    """(a digest of the conversion mapping transformers applies to `model`'s class, whether it has one at all)."""
+def fingerprint(model: PreTrainedModel) -> str:
+    """A digest of the conversion mapping transformers applies to `model`'s class."""
     from transformers.conversion_mapping import get_model_conversion_mapping
 
     transforms = get_model_conversion_mapping(model, add_legacy=False)
@@ -188,7 +182,7 @@ def fingerprint(model: PreTrainedModel) -> tuple[str, bool]:
         ]
         for t in transforms
     ]
-    return hashlib.sha256(json.dumps(described).encode()).hexdigest()[:16], bool(transforms)
+    return hashlib.sha256(json.dumps(described).encode()).hexdigest()[:16]
 
 
 def to_runtime_layout(ckpt: Checkpoint, model: PreTrainedModel) -> tuple[Checkpoint, dict[str, str] | None]:
@@ -255,7 +249,7 @@ def to_runtime_layout(ckpt: Checkpoint, model: PreTrainedModel) -> tuple[Checkpo
     record = {
         "transformers": transformers.__version__,
         "model_cls": type(model).__name__,
-        "mapping": fingerprint(model)[0],
+        "mapping": fingerprint(model),
     }
     logger.info(
         "run-time layout of %s (transformers %s): %d tensors renamed, %d groups converted (%d streamed as bytes)",
@@ -316,7 +310,7 @@ def check(layout: dict[str, str] | None, model: nn.Module, folder: Path) -> None
             f"`{folder}` holds the run-time layout of transformers' `{layout['model_cls']}`; load it with that class "
             f"(transformers.{layout['model_cls']}), or convert the checkpoint again for a custom model"
         )
-    digest = fingerprint(model)[0]  # type: ignore[arg-type]
+    digest = fingerprint(model)  # type: ignore[arg-type]
     if digest != layout["mapping"]:
         raise PylominError(
             f"`{folder}` was converted for `{layout['model_cls']}` with the conversion mapping of transformers "
