@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from pylomin.plan import Plan, merge
+from pylomin.plan import ExpertCache, Plan, merge
 from pylomin.prefetch import Prefetcher, Recorder
 from pylomin.stage import Copy, Stager
 from pylomin.store import Store
@@ -59,6 +59,14 @@ class HookManager:
         self.dtype = dtype
         self.copy = copy  # copies streamed units to the device on the reader thread (CUDA); None: on demand
         self.experts = experts or {}  # experts module -> its fused tensors (stored names in plan.experts)
+        # One group per experts module for the expert cache; an expert's size is its slice of each tensor.
+        self._group = {m: g for g, m in enumerate(self.experts)}
+        self._group_of = {name: g for m, g in self._group.items() for name in self.experts[m]}
+        self._names_of = [self.experts[m] for m in self._group]
+        self.expert_cache = ExpertCache(
+            plan.expert_cache_bytes,
+            {g: sum(plan.experts[n].stride for n in names) for g, names in enumerate(self._names_of)},
+        )
         # The reader knows targets by index only: a module reference would keep the model alive
         # through its hooks for as long as the thread runs.
         self.index = {m: i for i, m in enumerate(order)}
@@ -202,7 +210,26 @@ class HookManager:
         if not isinstance(index, torch.Tensor):
             return  # called some other way: the chosen experts' pages fault in as they are used
         chosen = [int(e) for e in torch.unique(index).tolist()]
-        self.store.read_exactly([r for name in self.experts[module] for r in self.plan.experts[name].ranges(chosen)])
+        group = self._group[module]
+        with self._lock:
+            misses, dropped = self.expert_cache.use(group, chosen)
+        rec = self.recorder
+        t0 = time.perf_counter_ns() if rec is not None else 0
+        for g, e in dropped:  # no longer among the most used: its pages go like a streamed unit's
+            for where in merge([r for name in self._names_of[g] for r in self.plan.experts[name].ranges([e])]):
+                self.store.done(*where)
+        ranges = [r for name in self._names_of[group] for r in self.plan.experts[name].ranges(misses)]
+        self.store.read_exactly(ranges)
+        if rec is not None and module in self.index:
+            nbytes = sum(n for _, _, n in ranges)
+            rec.experts(
+                self.index[module],
+                t0,
+                time.perf_counter_ns(),
+                chosen=chosen,
+                hits=len(chosen) - len(misses),
+                nbytes=nbytes,
+            )
 
     def _materialize(self, slot: Slot) -> bool:
         """Put the slot's tensor in place; True when it is a copy (device or dtype), not a view of the file."""
@@ -236,8 +263,17 @@ class HookManager:
             for module, attr in slot.owners:
                 module._parameters[attr] = slot.placeholder
         # One merged range per file: the page cache drops a multi-page folio only when one call covers it.
-        for where in merge([self.store.location(s.stored_name) for s in slots]):
+        for where in merge([r for s in slots for r in self._ranges_to_drop(s.stored_name)]):
             if self.prefetcher is not None and not self.prefetcher.closed:
                 self.prefetcher.release_later(*where)
             else:
                 self.store.done(*where)
+
+    def _ranges_to_drop(self, stored_name: str) -> list[tuple[str, int, int]]:
+        """The byte ranges of a released tensor to drop: all of it, but the experts the cache keeps."""
+        group = self._group_of.get(stored_name)
+        if group is None:
+            return [self.store.location(stored_name)]
+        kept = self.expert_cache.kept_in(group)
+        fused = self.plan.experts[stored_name]
+        return fused.ranges([e for e in range(fused.count) if e not in kept])

@@ -6,6 +6,7 @@ no threads, no files, no torch. The hooks, the reader thread and the device stag
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -52,6 +53,7 @@ class Plan:
     # Fused experts tensors by stored name: never read ahead whole nor read around on a fault; the
     # experts the router chose are read when the experts module starts.
     experts: Mapping[str, Experts] = field(default_factory=dict)
+    expert_cache_bytes: int = 0  # the budget left for the most used experts (`ExpertCache`)
 
     @property
     def streamed(self) -> list[int]:
@@ -78,7 +80,9 @@ def make_plan(
     - A target whose tensors are all resident is not read ahead either.
     - `experts` names fused experts tensors (stored name -> number of experts, the leading dim): a
       token uses a few of them, so they are left out of their target's read-ahead, mapped
-      random-access, and read per expert once the router has chosen.
+      random-access, and read per expert once the router has chosen. The budget goes to the other
+      tensors first (each is used by every token; an expert by a few); what is left keeps the most
+      used experts (`expert_cache_bytes`), or all of them where they all fit.
     """
     experts = experts or {}
     fused = {
@@ -96,11 +100,18 @@ def make_plan(
     resident: set[str] = set()
     used = 0
     if memory_budget > 0:
-        for name in sorted(uses, key=lambda n: (-uses[n], n not in looked_up)):  # stable: target order after that
+        dense = [n for n in uses if n not in fused]
+        for name in sorted(dense, key=lambda n: (-uses[n], n not in looked_up)):  # stable: target order after that
             nbytes = locations[name][2]
             if used + nbytes <= memory_budget:
                 used += nbytes
                 resident.add(name)
+        experts_bytes = sum(locations[n][2] for n in fused)
+        if fused and used + experts_bytes <= memory_budget:
+            resident.update(fused)
+            used += experts_bytes
+            fused = {}
+    cache_bytes = max(0, memory_budget - used) if fused else 0
 
     def read_whole_of(t: Target) -> list[str]:
         return [n for n in t.tensors if n not in fused]
@@ -120,7 +131,88 @@ def make_plan(
         prefetch_bytes=prefetch_bytes,
         largest_streamed=max((locations[n][2] for n in streamed), default=0),
         experts=fused,
+        expert_cache_bytes=cache_bytes,
     )
+
+
+class ExpertCache:
+    """Which experts stay resident between uses: the most used ones, counted per expert across forwards.
+
+    A pure policy (no files, no locks: its owner serializes calls). Experts are keyed by
+    `(group, index)`, a group being one experts module, whose experts all take `sizes[group]` bytes
+    (their slices of every fused tensor of the module). An expert the router chose is read anyway;
+    keeping it costs nothing more, so it is kept while it fits, or in place of kept experts used
+    less often than it (never on a tie: no churn between equals).
+    """
+
+    def __init__(self, capacity: int, sizes: Mapping[int, int]):
+        self.capacity = capacity
+        self.sizes = dict(sizes)
+        self.uses: dict[tuple[int, int], int] = {}
+        self.kept: set[tuple[int, int]] = set()
+        self.kept_bytes = 0
+        self.lookups = 0  # experts the router chose, all groups, since the model was loaded
+        self.hits = 0  # ... of which were kept already
+        # (uses, expert) of kept experts, least used first; stale entries are skipped when popped.
+        self._heap: list[tuple[int, tuple[int, int]]] = []
+
+    def use(self, group: int, chosen: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
+        """Count one use of each chosen expert; return (the chosen experts to read, the kept ones to drop)."""
+        size = self.sizes[group]
+        misses = [e for e in chosen if (group, e) not in self.kept]
+        self.lookups += len(chosen)
+        self.hits += len(chosen) - len(misses)
+        for e in chosen:
+            key = (group, e)
+            self.uses[key] = self.uses.get(key, 0) + 1
+            if key in self.kept:
+                heapq.heappush(self._heap, (self.uses[key], key))
+        if len(self._heap) > 2 * len(self.kept) + 64:
+            self._heap = [(self.uses[k], k) for k in self.kept]
+            heapq.heapify(self._heap)
+        dropped: list[tuple[int, int]] = []
+        if size > self.capacity:
+            return misses, dropped
+        busy = {(group, e) for e in chosen}
+        for e in sorted(misses, key=lambda e: -self.uses[(group, e)]):
+            key, count = (group, e), self.uses[(group, e)]
+            free = self.capacity - self.kept_bytes
+            victims: list[tuple[int, tuple[int, int]]] = []
+            skipped: list[tuple[int, tuple[int, int]]] = []
+            while free < size and self._heap:
+                uses, victim = self._heap[0]
+                if victim not in self.kept or self.uses[victim] != uses:
+                    heapq.heappop(self._heap)  # stale: dropped already, or used since
+                    continue
+                if uses >= count:
+                    break  # never drop an expert used as often as this one
+                heapq.heappop(self._heap)
+                if victim in busy:
+                    skipped.append((uses, victim))  # in use by this very call
+                    continue
+                victims.append((uses, victim))
+                free += self.sizes[victim[0]]
+            for entry in skipped + (victims if free < size else []):
+                heapq.heappush(self._heap, entry)
+            if free < size:
+                continue
+            for _, victim in victims:
+                self.kept.discard(victim)
+                self.kept_bytes -= self.sizes[victim[0]]
+                dropped.append(victim)
+            self.kept.add(key)
+            self.kept_bytes += size
+            heapq.heappush(self._heap, (count, key))
+        return misses, dropped
+
+    def kept_in(self, group: int) -> set[int]:
+        """The experts of `group` kept now."""
+        return {e for g, e in self.kept if g == group}
+
+    @property
+    def hit_rate(self) -> float:
+        """Share of the chosen experts that were kept already (0 before any use)."""
+        return self.hits / self.lookups if self.lookups else 0.0
 
 
 def merge(ranges: list[Range]) -> list[Range]:

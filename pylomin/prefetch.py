@@ -28,6 +28,10 @@ class Recorder(Protocol):
 
     def end_compute(self, target: int, now_ns: int) -> None: ...
 
+    def experts(
+        self, target: int, start_ns: int, end_ns: int, *, chosen: list[int], hits: int, nbytes: int
+    ) -> None: ...
+
 
 @dataclass(eq=False)
 class _Job:

@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Span:
-    """One timed piece of work on one unit: `read` (reader thread), `wait`, `load`, `compute`, `release`."""
+    """One timed piece of work on one unit: `read` (reader thread), `wait`, `load`, `compute`, `release`,
+    or `experts` (reading the experts the router chose: `experts` lists them, `hits` were kept already)."""
 
     unit: str
     kind: str
@@ -29,6 +30,8 @@ class Span:
     end_ns: int
     thread: int
     nbytes: int = 0
+    experts: tuple[int, ...] = ()
+    hits: int = 0
 
     @property
     def seconds(self) -> float:
@@ -49,6 +52,11 @@ class Profile:
     def add(self, target: int, kind: str, start_ns: int, end_ns: int, *, nbytes: int = 0) -> None:
         self.spans.append(Span(self.names[target], kind, start_ns, end_ns, threading.get_ident(), nbytes))
 
+    def experts(self, target: int, start_ns: int, end_ns: int, *, chosen: list[int], hits: int, nbytes: int) -> None:
+        self.spans.append(
+            Span(self.names[target], "experts", start_ns, end_ns, threading.get_ident(), nbytes, tuple(chosen), hits)
+        )
+
     def begin_compute(self, target: int, now_ns: int) -> None:
         self._open[(threading.get_ident(), target)] = now_ns
 
@@ -60,8 +68,10 @@ class Profile:
     # --- reading the results ---------------------------------------------------------------------
 
     def totals(self) -> dict[str, float]:
-        """Seconds per kind of span, summed, plus `wall`, `read_bytes` and `read_gbps`."""
-        out: dict[str, float] = {k: 0.0 for k in ("read", "wait", "load", "compute", "release")}
+        """Seconds per kind of span, summed, plus `wall`, `read_bytes` and `read_gbps`; for
+        mixture-of-experts models also `expert_bytes` (read for the chosen experts), `expert_lookups`
+        (experts chosen), `expert_hits` (of which were kept resident already) and `expert_hit_rate`."""
+        out: dict[str, float] = {k: 0.0 for k in ("read", "wait", "load", "compute", "release", "experts")}
         for s in self.spans:
             out[s.kind] = out.get(s.kind, 0.0) + s.seconds
         if self.spans:
@@ -72,6 +82,11 @@ class Profile:
         read_time = out["read"] or out["load"]
         out["read_bytes"] = float(read_bytes)
         out["read_gbps"] = read_bytes / read_time / 1e9 if read_time else 0.0
+        experts = [s for s in self.spans if s.kind == "experts"]
+        out["expert_bytes"] = float(sum(s.nbytes for s in experts))
+        out["expert_lookups"] = float(sum(len(s.experts) for s in experts))
+        out["expert_hits"] = float(sum(s.hits for s in experts))
+        out["expert_hit_rate"] = out["expert_hits"] / out["expert_lookups"] if out["expert_lookups"] else 0.0
         return out
 
     def verdict(self) -> str:
@@ -79,11 +94,17 @@ class Profile:
         t = self.totals()
         if not t["wall"]:
             return "nothing recorded: run the model inside `with pylomin.profile(model):`"
-        stalled = t["wait"] + t["load"] + t["release"]  # compute thread inside hooks, not computing
+        stalled = t["wait"] + t["load"] + t["release"] + t["experts"]  # compute thread inside hooks, not computing
         idle = stalled / t["wall"]
         rate = f"{t['read_gbps']:.1f} GB/s" if t["read_gbps"] else "no reads"
         kind = "disk-bound" if idle > 0.10 else "compute-bound"
-        return f"{kind}: {rate}, compute idle {idle:.0%} of {t['wall']:.3f} s ({t['read_bytes'] / 2**20:.0f} MiB read)"
+        line = f"{kind}: {rate}, compute idle {idle:.0%} of {t['wall']:.3f} s ({t['read_bytes'] / 2**20:.0f} MiB read)"
+        if t["expert_lookups"]:
+            line += (
+                f"; experts: {t['expert_lookups']:.0f} chosen, {t['expert_hit_rate']:.0%} kept resident,"
+                f" {t['expert_bytes'] / 2**20:.0f} MiB read for the others"
+            )
+        return line
 
     def _threads(self) -> list[tuple[int, str]]:
         """(thread id, "reader" or "compute") of every thread that recorded a span, in id order."""
@@ -108,7 +129,8 @@ class Profile:
                     "dur": (s.end_ns - s.start_ns) / 1e3,
                     "pid": pid,
                     "tid": s.thread,
-                    "args": {"kind": s.kind, "bytes": s.nbytes},
+                    "args": {"kind": s.kind, "bytes": s.nbytes}
+                    | ({"experts": list(s.experts), "kept": s.hits} if s.kind == "experts" else {}),
                 }
             )
         return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": {"verdict": self.verdict()}}
@@ -132,6 +154,7 @@ class Profile:
             "load": "tab:purple",
             "compute": "tab:blue",
             "release": "tab:gray",
+            "experts": "tab:green",
         }
         t0 = min((s.start_ns for s in self.spans), default=0)
         threads = self._threads()

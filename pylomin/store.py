@@ -185,13 +185,20 @@ class Store:
                 )
 
     def close(self) -> None:
-        """Unmap and close every file; a mapping still viewed by a live tensor is left to the garbage collector."""
+        """Unmap and close every file; a mapping still viewed by a live tensor is left to the garbage collector.
+
+        Unless kept warm, the files' pages also leave the page cache: what stayed resident (a memory
+        budget's tensors, kept experts) leaves no copy behind.
+        """
         with self._lock:
             for m in self._maps.values():
                 try:
                     m.close()
                 except BufferError:
                     logger.debug("a tensor still views a unit mapping; it closes when that tensor is freed")
+            if self.drop_page_cache and self._maps:  # after unmapping: the kernel keeps mapped pages
+                for path in self._paths.values():
+                    _os.drop_cached(path)
             self._maps.clear()
             self._addrs.clear()
 

@@ -74,6 +74,10 @@ class Stream:
     cleanup: Any  # weakref.finalize closing the files (and removing a temporary folder)
 
 
+# Page fused experts per expert (the router's choice); False reads them with their layer, like any
+# other tensor: only for benchmarks that compare the two.
+PER_EXPERT = True
+
 _STREAM = "_pylomin_stream"  # the one key pylomin sets on a model; read only through stream_of
 
 
@@ -193,7 +197,7 @@ def attach_(
         # Per-expert paging needs parameters that are views of the files (a device or dtype copy
         # copies whole tensors).
         zero_copy = device.type == "cpu" and options.dtype in (None, stored_dtype(manifest))
-        experts = _fused_experts(model, slots) if zero_copy else {}
+        experts = _fused_experts(model, slots) if zero_copy and PER_EXPERT else {}
         plan = make_plan(
             targets,
             locations,

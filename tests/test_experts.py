@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import mmap
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import transformers
 
 import pylomin
 from pylomin import manifest as fmt
+from pylomin.streaming import stream_of
 from tests import models
 from tests.test_layout import mixtral
 
@@ -49,3 +51,80 @@ def test_a_forward_reads_only_the_chosen_experts(disk_dir: Path) -> None:
                     assert all(inner), (layer, tensor, e)
                 else:
                     assert not any(inner), (layer, tensor, e, sum(inner))
+
+
+def _chosen_per_layer(model: torch.nn.Module) -> dict[str, set[int]]:
+    chosen: dict[str, set[int]] = {}
+    for name, module in model.named_modules():
+        if type(module).__name__ == "MixtralExperts":
+            module.register_forward_pre_hook(
+                lambda m, args, name=name: chosen.setdefault(name, set()).update(args[1].unique().tolist())
+            )
+    return chosen
+
+
+def _expert_pages(folder: Path, layer: str, e: int, experts: int = 8) -> list[bool]:
+    """The cached state of the pages wholly inside expert `e` of `layer`, both fused tensors."""
+    unit = next(u for u in fmt.read(folder).units if f"{layer}.gate_up_proj" in u.tensors)
+    pages = models.cached_pages(folder / unit.file)
+    out: list[bool] = []
+    for tensor in ("gate_up_proj", "down_proj"):
+        info = unit.tensors[f"{layer}.{tensor}"]
+        stride = info.length // experts
+        first, last = (info.offset + e * stride) // PAGE, (info.offset + (e + 1) * stride - 1) // PAGE
+        out += pages[first + 1 : last]
+    return out
+
+
+def test_a_budget_keeps_the_most_used_experts_resident_and_drops_the_others(disk_dir: Path) -> None:
+    src = disk_dir / "src"
+    mixtral(experts=8, hidden=64, intermediate=64).save_pretrained(src)
+    folder = pylomin.convert(src, disk_dir / "out", progress=False)
+    ref = transformers.MixtralForCausalLM.from_pretrained(src).eval()
+    m = fmt.read(folder)
+    fused = [
+        i for u in m.units for n, i in u.tensors.items() if n.endswith(("experts.gate_up_proj", "experts.down_proj"))
+    ]
+    dense = sum(i.length for u in m.units for i in u.tensors.values()) - sum(i.length for i in fused)
+    expert_bytes = (64 * 128 + 64 * 64) * 4  # gate_up [2I, H] + down [H, I] slices, fp32
+    # Room for the dense tensors and 2 experts per layer: exactly what a one-token forward uses.
+    # No reader thread: pages are dropped as each unit finishes, not later, so the checks see them gone.
+    budget = dense + 2 * 2 * expert_bytes
+    model = pylomin.load_streaming(folder, transformers.MixtralForCausalLM, memory_budget=budget, prefetch=0)
+    assert stream_of(model).manager.plan.expert_cache_bytes == 2 * 2 * expert_bytes
+    chosen = _chosen_per_layer(model)
+    x = models.ids(batch=1, seq=1)
+    with torch.no_grad():
+        want = ref(x).logits
+        with pylomin.profile(model) as cold:
+            assert torch.equal(model(x).logits, want)
+        for layer, kept in chosen.items():
+            assert len(kept) == 2
+            for e in range(8):
+                pages = _expert_pages(folder, layer, e)
+                assert all(pages) if e in kept else not any(pages), (layer, e)  # the default drops the others
+        with pylomin.profile(model) as warm:
+            assert torch.equal(model(x).logits, want)
+    assert cold.totals()["expert_hit_rate"] == 0.0 and cold.totals()["expert_bytes"] == 2 * 2 * expert_bytes
+    t = warm.totals()
+    assert (t["expert_lookups"], t["expert_hits"], t["expert_bytes"]) == (4, 4, 0)  # all kept: nothing read
+    assert "100% kept resident" in warm.verdict()
+    del model  # unloading gives the kept experts' pages back too
+    gc.collect()
+    for layer in chosen:
+        for e in range(8):
+            assert not any(_expert_pages(folder, layer, e)), (layer, e)
+
+
+def test_without_a_budget_nothing_is_kept_and_every_forward_reads_its_experts(disk_dir: Path) -> None:
+    src = disk_dir / "src"
+    mixtral(experts=8, hidden=64, intermediate=64).save_pretrained(src)
+    folder = pylomin.convert(src, disk_dir / "out", progress=False)
+    model = pylomin.load_streaming(folder, transformers.MixtralForCausalLM)
+    x = models.ids(batch=1, seq=1)
+    with torch.no_grad(), pylomin.profile(model) as prof:
+        model(x)
+        model(x)
+    t = prof.totals()
+    assert (t["expert_lookups"], t["expert_hits"]) == (8, 0)
+    assert t["expert_bytes"] == 8 * (64 * 128 + 64 * 64) * 4

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pylomin.plan import Target, make_plan, merge
+from pylomin.plan import ExpertCache, Target, make_plan, merge
 
 # A GPT-2-like model: an embedding table tied to the LM head, positions, two blocks.
 TARGETS = [
@@ -83,3 +83,46 @@ def test_fused_experts_are_read_per_expert_never_ahead() -> None:
         ("u1", 64 + 5 * 4096, 4096),
     ]  # 9: no such expert
     assert plan.largest_streamed == 1000
+
+
+def test_experts_get_what_the_budget_leaves_after_the_dense_tensors() -> None:
+    targets = [Target("layer", ("attn.w", "experts.up")), Target("experts", ("experts.down",))]
+    locations = {"attn.w": ("u0", 64, 1000), "experts.up": ("u1", 64, 8 * 4096), "experts.down": ("u2", 64, 8 * 2048)}
+    fused = {"experts.up": 8, "experts.down": 8}
+    plan = make_plan(targets, locations, memory_budget=1000 + 3 * 6144, experts=fused)
+    assert plan.resident == {"attn.w"}  # every token uses it; an expert, a few tokens
+    assert plan.expert_cache_bytes == 3 * 6144 and set(plan.experts) == set(fused)
+    everything = make_plan(targets, locations, memory_budget=1000 + 8 * 6144, experts=fused)
+    assert everything.resident == set(locations) and everything.experts == {}  # all fit: resident, not cached
+    assert everything.expert_cache_bytes == 0
+    assert make_plan(targets, locations, experts=fused).expert_cache_bytes == 0
+
+
+def test_the_expert_cache_keeps_the_most_used_experts() -> None:
+    cache = ExpertCache(capacity=3 * 10, sizes={0: 10, 1: 10})
+    assert cache.use(0, [1, 2]) == ([1, 2], [])  # read both, keep both
+    assert cache.use(1, [5, 6]) == ([5, 6], [])  # room for one: 5 kept
+    assert cache.kept == {(0, 1), (0, 2), (1, 5)}
+    assert cache.use(1, [6, 7]) == ([6, 7], [(0, 1)])  # 6 used twice now: it takes a once-used one's place
+    assert cache.kept_in(1) == {5, 6} and cache.kept_in(0) == {2}
+    assert cache.use(0, [2, 3]) == ([3], [])  # 2 hits; 3 (used once) displaces nobody used once
+    assert (cache.hits, cache.lookups) == (1, 8)
+    assert cache.hit_rate == 1 / 8
+    assert cache.kept_bytes == 30
+
+
+def test_the_expert_cache_never_drops_an_expert_the_same_call_uses() -> None:
+    cache = ExpertCache(capacity=2 * 10, sizes={0: 10})
+    cache.use(0, [0, 1])
+    cache.use(0, [2])
+    cache.use(0, [2])  # 2 used twice, 0 and 1 once: 2 replaces one of them
+    assert (0, 2) in cache.kept and len(cache.kept) == 2
+    kept_once = next(e for g, e in cache.kept if e != 2)
+    misses, dropped = cache.use(0, [kept_once, 3, 3])
+    assert (0, kept_once) not in dropped and misses == [3, 3]
+
+
+def test_an_expert_larger_than_the_cache_is_read_never_kept() -> None:
+    cache = ExpertCache(capacity=5, sizes={0: 10})
+    assert cache.use(0, [0]) == ([0], []) and cache.use(0, [0]) == ([0], [])
+    assert cache.kept == set() and cache.hit_rate == 0.0
