@@ -63,6 +63,9 @@ class HookManager:
         self._group = {m: g for g, m in enumerate(self.experts)}
         self._group_of = {name: g for m, g in self._group.items() for name in self.experts[m]}
         self._names_of = [self.experts[m] for m in self._group]
+        self._experts_per_layer = max((plan.experts[ns[0]].count for ns in self._names_of), default=0)
+        config = getattr(root, "config", None)
+        self._top_k = int(getattr(config, "num_experts_per_tok", 0) or 2)  # then as the router chose
         self.expert_cache = ExpertCache(
             plan.expert_cache_bytes,
             {g: sum(plan.experts[n].stride for n in names) for g, names in enumerate(self._names_of)},
@@ -117,8 +120,9 @@ class HookManager:
                 max_bytes=self.plan.prefetch_bytes,
                 skip={i for i, r in enumerate(self.plan.read_ahead) if not r},
                 stage=self.stager,
+                wide=self._wide_ranges(),
             )
-            self._handles.append(self.root.register_forward_pre_hook(self._begin_pass))
+            self._handles.append(self.root.register_forward_pre_hook(self._begin_pass, with_kwargs=True))
             self._handles.append(self.root.register_forward_hook(self._end_pass, always_call=True))
         for module in self.order:
             self._handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
@@ -148,9 +152,27 @@ class HookManager:
                             slot, self.store.view(slot.stored_name).to(self.device, slot.placeholder.dtype, copy=True)
                         )
 
-    def _begin_pass(self, module: nn.Module, args: Any) -> None:
+    def _wide_ranges(self) -> dict[int, list[tuple[str, int, int]]]:
+        """Per target holding fused experts: its ranges with every expert (read ahead for prompts)."""
+        out = {}
+        for i, module in enumerate(self.order):
+            fused = [s.stored_name for s in self.targets[module] if s.stored_name in self._group_of]
+            if fused:
+                out[i] = merge([*self.plan.ranges[i], *(self.store.location(n) for n in fused)])
+        return out
+
+    def _begin_pass(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         assert self.prefetcher is not None
-        self.prefetcher.begin_pass()
+        wide = False
+        if self.experts:
+            # A pass of T tokens routed to k of E experts each: when T * k >= 2E, most experts
+            # (1 - e^-2 = 86 % on average) are chosen in every layer; reading them ahead whole,
+            # overlapped with compute, beats reading them once the router has chosen.
+            ids = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+            if isinstance(ids, torch.Tensor):
+                tokens = ids.shape[:-1].numel() if ids.is_floating_point() else ids.numel()
+                wide = tokens * self._top_k >= 2 * self._experts_per_layer
+        self.prefetcher.begin_pass(wide=wide)
 
     def _end_pass(self, module: nn.Module, args: Any, output: Any) -> None:
         assert self.prefetcher is not None
@@ -209,6 +231,7 @@ class HookManager:
         index = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
         if not isinstance(index, torch.Tensor):
             return  # called some other way: the chosen experts' pages fault in as they are used
+        self._top_k = index.shape[-1] if index.dim() else 1
         chosen = [int(e) for e in torch.unique(index).tolist()]
         group = self._group[module]
         with self._lock:
@@ -218,6 +241,10 @@ class HookManager:
         for g, e in dropped:  # no longer among the most used: its pages go like a streamed unit's
             for where in merge([r for name in self._names_of[g] for r in self.plan.experts[name].ranges([e])]):
                 self.store.done(*where)
+        hits = len(chosen) - len(misses)
+        prefetcher = self.prefetcher
+        if prefetcher is not None and prefetcher.wide_pass and module in self.index:
+            misses = []  # read ahead whole with the unit (waited for in `_pre`)
         ranges = [r for name in self._names_of[group] for r in self.plan.experts[name].ranges(misses)]
         self.store.read_exactly(ranges)
         if rec is not None and module in self.index:
@@ -227,7 +254,7 @@ class HookManager:
                 t0,
                 time.perf_counter_ns(),
                 chosen=chosen,
-                hits=len(chosen) - len(misses),
+                hits=hits,
                 nbytes=nbytes,
             )
 

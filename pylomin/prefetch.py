@@ -60,15 +60,21 @@ class Prefetcher:
         max_bytes: int,
         skip: set[int] | None = None,
         stage: Callable[[int], None] | None = None,
+        wide: dict[int, list[Range]] | None = None,
     ):
         self.store = store
         self.ranges = ranges
+        # Targets with fused experts: their ranges with every expert, read ahead in passes whose
+        # tokens choose most experts anyway (a prompt), instead of the router's choice on demand.
+        self.wide = wide or {}
+        self._wide_pass = False
         self.stage = stage  # after the pages are in: e.g. copy the unit to the GPU
         self.recorder: Recorder | None = None  # while profiling
         self.max_units = max_units
         self.max_bytes = max_bytes
         self.skip = set(skip or ())
         self._nbytes = {t: sum(n for _, _, n in r) for t, r in ranges.items()}
+        self._wide_nbytes = {t: sum(n for _, _, n in r) for t, r in self.wide.items()}
         self._set_order(list(initial_order))
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -88,12 +94,16 @@ class Prefetcher:
 
     # --- called from the hooks (any thread) ---------------------------------------------------
 
-    def begin_pass(self) -> None:
-        """The root module starts a forward: start recording the order if it runs alone."""
+    def begin_pass(self, *, wide: bool = False) -> None:
+        """The root module starts a forward: start recording the order if it runs alone.
+
+        `wide`: its tokens will choose most experts; read them ahead whole with their units.
+        """
         with self._lock:
             self._passes += 1
             self._recording = [] if self._passes == 1 else None
             self._seen = set()
+            self._wide_pass = wide if self._passes == 1 else self._wide_pass or wide
 
     def end_pass(self) -> None:
         """The root module's forward ended: keep the recorded order if it changed."""
@@ -125,23 +135,31 @@ class Prefetcher:
         i = self._index.get(target)
         if i is None or self.max_units <= 0:
             return
+        wide = self._wide_pass
         units, nbytes = 0, sum(self._nbytes.get(t, 0) for t in self._pending)
         for step in range(1, len(self.order)):
             nxt = self.order[(i + step) % len(self.order)]
-            if nxt in self.skip or nxt == target:
+            whole = wide and nxt in self.wide and i + step < len(self.order)  # the next pass may be narrow
+            if nxt in self.skip and not whole or nxt == target:
                 continue
             units += 1
             if units > self.max_units:
                 break
             if nxt in self._pending:
                 continue
-            if nbytes + self._nbytes[nxt] > self.max_bytes:
+            size = self._wide_nbytes[nxt] if whole else self._nbytes[nxt]
+            if nbytes + size > self.max_bytes:
                 break
-            nbytes += self._nbytes[nxt]
-            job = _Job(nxt, self.ranges[nxt])
+            nbytes += size
+            job = _Job(nxt, self.wide[nxt] if whole else self.ranges[nxt])
             self._pending[nxt] = job
             self._queue.append(job)
             self._wake.notify()
+
+    @property
+    def wide_pass(self) -> bool:
+        """Whether the running forward reads fused experts ahead whole (`begin_pass(wide=True)`)."""
+        return self._wide_pass
 
     @property
     def bytes_in_flight(self) -> int:

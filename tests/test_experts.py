@@ -128,3 +128,45 @@ def test_without_a_budget_nothing_is_kept_and_every_forward_reads_its_experts(di
     t = prof.totals()
     assert (t["expert_lookups"], t["expert_hits"]) == (8, 0)
     assert t["expert_bytes"] == 8 * (64 * 128 + 64 * 64) * 4
+
+
+def test_a_random_access_range_larger_than_the_read_ahead_window_is_read_in_large_reads(disk_dir: Path) -> None:
+    # The kernel reads only the first read-ahead window (read_ahead_kb) of one POSIX_FADV_WILLNEED;
+    # the rest of a random-access range would be faulted in from disk a page at a time.
+    import resource
+
+    from safetensors.torch import save_file
+
+    save_file({"table.weight": torch.randn(2**20, 16)}, disk_dir / "big.safetensors")  # 64 MiB
+    folder = pylomin.convert(disk_dir / "big.safetensors", disk_dir / "out", progress=False)
+    m = fmt.read(folder)
+    with pylomin.store.Store(folder, m) as store:
+        where = store.location("table.weight")
+        store.random_access(*where)
+        models.evict([folder / u.file for u in m.units])
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+        store.read_exactly([where])
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - before
+        assert all(models.cached_pages(folder / m.units[0].file)[where[1] // PAGE + 1 : (where[1] + where[2]) // PAGE])
+    assert faults < 64, faults  # page by page, it would be ~16000 (64 MiB / 4 KiB)
+
+
+def test_a_prompt_reads_experts_ahead_whole_and_a_decode_token_reads_only_the_chosen(disk_dir: Path) -> None:
+    src = disk_dir / "src"
+    mixtral(experts=8, hidden=64, intermediate=64).save_pretrained(src)
+    folder = pylomin.convert(src, disk_dir / "out", progress=False)
+    ref = transformers.MixtralForCausalLM.from_pretrained(src).eval()
+    model = pylomin.load_streaming(folder, transformers.MixtralForCausalLM)
+    whole = 8 * (64 * 128 + 64 * 64) * 4  # both fused tensors of one layer
+    prompt, token = models.ids(batch=1, seq=16), models.ids(batch=1, seq=1)  # 16 tokens x top-2 >= 2 x 8 experts
+    with torch.no_grad():
+        model(prompt)  # records the execution order
+        with pylomin.profile(model) as wide:
+            assert torch.equal(model(prompt).logits, ref(prompt).logits)
+        with pylomin.profile(model) as narrow:
+            assert torch.equal(model(token).logits, ref(token).logits)
+    ahead = [s for s in wide.spans if s.kind == "read" and s.unit.endswith("mlp.experts")]
+    assert ahead and all(s.nbytes == whole for s in ahead)  # read ahead by the reader, overlapped
+    assert all(s.nbytes == 0 for s in wide.spans if s.kind == "experts")  # resident when the router chose
+    assert not [s for s in narrow.spans if s.kind == "read" and s.unit.endswith("mlp.experts")]
+    assert sum(s.nbytes for s in narrow.spans if s.kind == "experts") == 2 * 2 * whole // 8  # top-2, 2 layers
