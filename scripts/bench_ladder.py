@@ -1,0 +1,491 @@
+"""The memory ladder: one Llama-shaped decoder under cgroup memory limits from a quarter of its bytes to 1.5x.
+
+Model: a random-weight Llama (`LlamaConfig`: hidden 1024, intermediate 2816, 24 layers, 16 heads,
+vocab 32000, untied LM head; ~1.5 GB fp32), built once under `models/` with `save_pretrained` and
+converted with `pylomin.convert` into block units and leaf units.
+
+Limits: 25, 50, 75, 100 and 150 % of the model's bytes, each plus a fixed allowance for the
+interpreter, torch, transformers, accelerate and pylomin: the memory charged to a capped child
+(`memory.max_usage_in_bytes`, page cache included) that imports all of them and builds nothing,
+measured once per run and printed.
+
+Contenders, each at each limit in one fresh child under the limit (cgroup v1, RAM + swap, page cache
+charged; the whole page cache dropped first; root only, see `scripts/_cgroup.py`):
+
+- memory: `LlamaForCausalLM.from_pretrained(src)` (plain transformers, safetensors mapped);
+- accelerate: accelerate's disk offload of the same checkpoint (as in `scripts/bench.py`);
+- pylomin: `pylomin.load_streaming(folder, LlamaForCausalLM)` with no options (block units);
+- least: pylomin's least memory: leaf units, `memory_budget=0, prefetch=0`.
+
+Each child loads, runs a batch-1 x 128-token forward and, if its time allows, a second one (the
+steady state, reported), then a greedy `generate()` of 16 new tokens from a 16-token prompt: decode
+tokens/s = the 15 tokens after the first over their time. It writes what it measured after every
+step, so a child killed later (OOM, timeout) still reports its earlier steps. Charged memory is the
+cgroup's high-water mark over the child's whole life. A contender that failed at a limit is not run at
+the smaller ones (`--no-skip` runs them anyway).
+
+The floor per limit: a decode token must read whatever of the model does not fit beside the
+allowance, max(0, model bytes - (limit - allowance)) / the cold sequential read bandwidth of the unit
+files (measured once), in s per token.
+
+Prints a table, writes `bench-out/bench_ladder.json` and `docs/ladder.png` (decode tokens/s against
+the limit). Run it on a quiet machine: the full ladder is 20 children of at most `--timeout` s each
+(600 by default), and every capped child drops the whole page cache. `--quick` swaps in a 4-layer
+model of 28 MiB (a smoke test: its limits differ by a few MiB, well inside the allowance's own
+variation, so its figures mean nothing; its PNG goes to `bench-out/ladder-quick.png`).
+
+    MALLOC_MMAP_THRESHOLD_=1048576 .venv/bin/python scripts/bench_ladder.py [--quick] [--limits 25,50]
+        [--only memory,pylomin] [--timeout 600] [--no-png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+T0 = time.monotonic()  # the child's deadline counts from here (imports included)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cgroup  # noqa: E402
+from _common import ENV, MIB, MODELS, ROOT, cold_read_bandwidth, ensure_converted, unit_files  # noqa: E402
+
+OUT = ROOT / "bench-out"
+SEQ = 128  # the forward's tokens
+PROMPT_TOKENS = NEW_TOKENS = 16
+LIMITS = (25, 50, 75, 100, 150)  # % of the model's bytes, on top of the allowance
+BASELINE_LIMIT = 8 * 2**30  # the allowance child's cgroup limit: far above what importing takes
+BASELINE_TIMEOUT = 300.0
+LLAMA = dict(
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    vocab_size=32000,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+)
+LLAMA_SMALL = {
+    **LLAMA,
+    "hidden_size": 256,
+    "intermediate_size": 704,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "vocab_size": 8000,
+}
+CONTENDERS = {
+    "memory": "in memory (transformers from_pretrained)",
+    "accelerate": "accelerate disk offload",
+    "pylomin": "pylomin load_streaming, no options",
+    "least": "pylomin least memory: leaf units, memory_budget=0, prefetch=0",
+}
+
+
+# --- the model ----------------------------------------------------------------------------------------
+
+
+def ensure_llama(config: dict[str, Any], name: str) -> Path:
+    """The random-weight Llama `name` under models/, built on first use in a child, so this process never holds it."""
+    src = MODELS / name
+    if not (src / "config.json").is_file():
+        print(f"building {src} (random weights, first run only) ...", flush=True)
+        cmd = [sys.executable, __file__, "--build", str(src), "--spec", json.dumps(config)]
+        subprocess.run(cmd, env=ENV, check=True)
+    return src
+
+
+def build_llama(path: Path, config: dict[str, Any]) -> None:
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tmp.rename(path)
+
+
+# --- children -----------------------------------------------------------------------------------------
+
+
+def baseline() -> None:
+    """What every contender imports, and nothing built: the allowance child."""
+    import accelerate  # noqa: F401
+    import torch  # noqa: F401
+    import transformers
+
+    import pylomin  # noqa: F401
+    import pylomin.streaming  # noqa: F401
+
+    transformers.logging.set_verbosity_error()
+    _ = transformers.LlamaForCausalLM  # resolves the lazy import
+
+
+def read_bytes() -> int:
+    """Bytes this process (all its threads) had the block layer fetch from storage so far."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
+
+
+class TokenClock:
+    """A `generate(streamer=...)` streamer: the time and `read_bytes` at every `put` (the first is the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.reads: list[int] = []
+
+    def put(self, value: Any) -> None:
+        self.times.append(time.perf_counter())
+        self.reads.append(read_bytes())
+
+    def end(self) -> None:
+        pass
+
+    def summary(self) -> dict[str, Any]:
+        """Prefill seconds, decode tokens/s and mean bytes read per decode token (the tokens after the first)."""
+        t, r = self.times, self.reads
+        decode = len(t) - 2  # puts: the prompt, the first new token, then the decode tokens
+        return {
+            "prefill_s": t[1] - t[0],
+            "decode_tps": decode / (t[-1] - t[1]),
+            "read_per_token": (r[-1] - r[1]) / decode,
+            "token_s": [b - a for a, b in zip(t, t[1:], strict=False)],
+        }
+
+
+def load(contender: str, spec: dict[str, Any], offload: Path, notes: list[str]) -> Any:
+    import torch
+    import transformers
+
+    import pylomin
+
+    cls = transformers.LlamaForCausalLM
+    src = Path(spec["src"])
+    if contender == "memory":
+        return cls.from_pretrained(src, dtype=torch.float32).eval()
+    if contender == "accelerate":
+        from bench import load_accelerate
+
+        model, api = load_accelerate(cls, src, offload, "auto")
+        notes.append(f"accelerate loaded with: {api}")
+        return model
+    if contender == "pylomin":
+        return pylomin.load_streaming(spec["block"], cls)
+    return pylomin.load_streaming(spec["leaf"], cls, memory_budget=0, prefetch=0)
+
+
+def child(contender: str, spec: dict[str, Any], offload: Path, out: Path) -> None:
+    """Load, forward (twice if time allows), generate; `out` rewritten after each step."""
+    import torch
+    import transformers
+
+    from pylomin.limits import read_memory
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, spec["vocab"], (1, SEQ), generator=g)
+    prompt = torch.randint(0, spec["vocab"], (1, PROMPT_TOKENS), generator=g)
+    kw: dict[str, Any] = dict(
+        attention_mask=torch.ones_like(prompt),
+        do_sample=False,
+        pad_token_id=0,
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+    )
+    notes: list[str] = []
+    r: dict[str, Any] = {"notes": notes, "step": "load", "limit_seen": read_memory().limit}
+
+    def save(step: str) -> None:
+        r["step"] = step  # the step that comes next: where a killed child was
+        out.write_text(json.dumps(r))
+
+    save("load")
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model = load(contender, spec, offload, notes)
+        r["load_s"] = time.perf_counter() - t0
+        save("forward")
+        times = []
+        for i in range(2):
+            t0 = time.perf_counter()
+            model(x, use_cache=False)
+            times.append(time.perf_counter() - t0)
+            r["forward_s"], r["forwards"] = times[-1], len(times)
+            r["forward_times"] = times
+            # A second forward only if it and a generate() (~ prefill + 16 tokens, each at most a forward's
+            # time when the weights are read again per token) still fit in the time left.
+            left = spec["timeout"] - (time.monotonic() - T0)
+            if i == 0 and times[0] * (2 + NEW_TOKENS) > left:
+                notes.append(f"one forward only: {times[0]:.1f} s, {left:.0f} s left")
+                break
+            save("forward 2" if i == 0 else "generate")
+        save("generate")
+        clock = TokenClock()
+        y = model.generate(prompt, streamer=clock, **kw)
+        r.update(clock.summary())
+        r["tokens"] = y[0, PROMPT_TOKENS:].tolist()
+        save("done")
+
+
+# --- parent -------------------------------------------------------------------------------------------
+
+
+def child_cmd(contender: str, spec: dict[str, Any], offload: Path, out: Path) -> list[str]:
+    cmd = [sys.executable, __file__, "--child", contender, "--spec", json.dumps(spec), "--offload", str(offload)]
+    return [*cmd, "--out", str(out)]
+
+
+def fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def allowance(timeout: float) -> tuple[int, dict[str, Any]]:
+    """Memory charged to a capped child that imports everything and builds nothing (page cache dropped first)."""
+    run = _cgroup.run_capped([sys.executable, __file__, "--baseline"], BASELINE_LIMIT, timeout, ENV)
+    if not run.ok:
+        raise SystemExit(f"the allowance child failed: {run.reason} after {run.seconds:.0f} s")
+    return run.max_usage, {"seconds": run.seconds, "max_usage": run.max_usage}
+
+
+def capped(contender: str, spec: dict[str, Any], work: Path, limit: int, timeout: float) -> dict[str, Any]:
+    offload, out = fresh(work / f"offload-{contender}"), work / f"{contender}.json"
+    out.unlink(missing_ok=True)
+    spec = {**spec, "timeout": timeout}
+    run = _cgroup.run_capped(child_cmd(contender, spec, offload, out), limit, timeout, ENV)
+    shutil.rmtree(offload, ignore_errors=True)
+    r: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {"step": "start"}
+    r.update({"ok": run.ok, "reason": run.reason, "seconds": run.seconds, "max_usage": run.max_usage})
+    return r
+
+
+def status(r: dict[str, Any]) -> str:
+    if r.get("skipped"):
+        return r["skipped"]
+    if r["ok"]:
+        return "ok" if r.get("forwards", 2) == 2 else "ok (one forward)"
+    return f"{r['reason']} in {r['step']} after {r['seconds']:.0f} s"
+
+
+def cell(r: dict[str, Any], key: str, fmt: str) -> str:
+    return format(r[key], fmt) if key in r else "-"
+
+
+def table(rows: list[dict[str, Any]], model_bytes: int) -> str:
+    lines = [
+        "| limit MiB | % of model | contender | forward s | decode tok/s | charged MiB | status |",
+        "|---:|---:|---|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        charged = f"{r['max_usage'] / MIB:.0f}" if "max_usage" in r else "-"
+        lines.append(
+            f"| {r['limit'] / MIB:.0f} | {r['pct']} | {r['contender']} | {cell(r, 'forward_s', '.3f')} | "
+            f"{cell(r, 'decode_tps', '.2f')} | {charged} | {status(r)} |"
+        )
+    return "\n".join(lines)
+
+
+def chart(dump: dict[str, Any], path: Path) -> None:
+    """Decode tokens/s against the limit (% of the model), one line per contender, the floor dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = {key: plt.get_cmap("tab10")(i) for i, key in enumerate(CONTENDERS)}
+    values: list[float] = []
+    failed: dict[str, list[int]] = {}
+    for key in CONTENDERS:
+        runs = [r for r in dump["runs"] if r["contender"] == key]
+        if not runs:
+            continue
+        good = [(r["pct"], r["decode_tps"]) for r in runs if r["ok"]]
+        failed[key] = [r["pct"] for r in runs if not r["ok"] and not r.get("skipped")]
+        if good:
+            xs, ys = zip(*sorted(good), strict=True)
+            ax.plot(xs, ys, "o-", color=colors[key], label=f"{key}: {CONTENDERS[key]}")
+            values += ys
+    floor = [(int(pct), 1 / s) for pct, s in dump["floors"].items() if s > 0]
+    if floor:
+        xs, ys = zip(*sorted(floor), strict=True)
+        ax.plot(xs, ys, "k--", label="1 / I/O floor (what does not fit, read once per token)")
+        values += ys
+    cap = next((r for r in dump["runs"] if r["contender"] == "memory" and r["pct"] == 150 and r["ok"]), None)
+    if cap is not None:
+        ax.axhline(cap["decode_tps"], color="grey", linestyle=":", label="compute-bound cap (memory at 150 %)")
+        values.append(cap["decode_tps"])
+    log = bool(values) and max(values) / max(min(values), 1e-9) > 20
+    if log:
+        ax.set_yscale("log")
+    bottom = min(values) / 2 if log and values else 0
+    for key, pcts in failed.items():  # failures sit on the x axis
+        if pcts:
+            ax.scatter(pcts, [bottom] * len(pcts), marker="x", s=60, color=colors[key], clip_on=False)
+    if values:
+        ax.set_ylim(bottom=bottom)
+    ax.set_xticks([int(p) for p in dump["floors"]])
+    ax.set_xlabel(
+        f"memory limit, % of the model's {dump['model_bytes'] / MIB:.0f} MiB (+ {dump['allowance'] / MIB:.0f} MiB allowance)"
+    )
+    ax.set_ylabel("decode tokens/s" + (" (log scale)" if log else ""))
+    ax.set_title(
+        f"{dump['model']} ({dump['model_bytes'] / MIB:.0f} MiB fp32), {dump['cpus']} CPU cores; x on the axis: failed\n"
+        f"{dump['command']}",
+        fontsize=9,
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a 4-layer Llama, hidden 256, vocabulary 8000 (smoke test)")
+    p.add_argument("--limits", default=",".join(map(str, LIMITS)), help="limits in %% of the model's bytes")
+    p.add_argument("--only", help=f"comma-separated subset of {list(CONTENDERS)}")
+    p.add_argument("--timeout", type=float, default=600.0, help="most seconds one capped child may take")
+    p.add_argument("--no-skip", action="store_true", help="run a contender at smaller limits after it failed")
+    p.add_argument("--no-png", action="store_true", help="skip the chart")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--build", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--spec", help=argparse.SUPPRESS)
+    p.add_argument("--offload", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.build:
+        build_llama(args.build, json.loads(args.spec))
+        return 0
+    if args.baseline:
+        baseline()
+        return 0
+    if args.child:
+        child(args.child, json.loads(args.spec), args.offload, args.out)
+        return 0
+
+    t_start = time.perf_counter()
+    contenders = list(CONTENDERS)
+    if args.only:
+        contenders = [c.strip() for c in args.only.split(",") if c.strip()]
+        if unknown := set(contenders) - set(CONTENDERS):
+            p.error(f"unknown contenders {sorted(unknown)}; choose from {list(CONTENDERS)}")
+    try:
+        limits = sorted({int(s) for s in args.limits.split(",") if s.strip()}, reverse=True)
+    except ValueError:
+        p.error(f"--limits takes whole percentages, comma-separated: {args.limits!r}")
+    if not limits or min(limits) <= 0:
+        p.error("--limits: at least one percentage, each above 0")
+    if (why := _cgroup.unavailable()) is not None:
+        print(f"capped runs are not possible here: {why}", file=sys.stderr)
+        return 1
+
+    from pylomin import manifest
+
+    config = LLAMA_SMALL if args.quick else LLAMA
+    name = "llama-small-random" if args.quick else "llama-1.5g-random"
+    src = ensure_llama(config, name)
+    block = ensure_converted(src, MODELS / f"{name}-pylomin")
+    leaf = ensure_converted(src, MODELS / f"{name}-pylomin-leaf", "leaf")
+    model_bytes = manifest.read(block).nbytes
+    spec = {"src": str(src), "block": str(block), "leaf": str(leaf), "vocab": config["vocab_size"]}
+    bandwidth = cold_read_bandwidth(unit_files(block))
+    extra, extra_run = allowance(BASELINE_TIMEOUT)
+    command = " ".join(["scripts/bench_ladder.py", *sys.argv[1:]])
+    print(
+        f"\n### {name}: {model_bytes / MIB:.0f} MiB fp32; forward 1 x {SEQ}; generate() {NEW_TOKENS} from "
+        f"{PROMPT_TOKENS}\n\n{os.cpu_count()} CPUs; cold sequential read of the unit files {bandwidth / MIB:.0f} MiB/s; "
+        f"allowance (charged to a child that imports torch, transformers, accelerate and pylomin) "
+        f"{extra / MIB:.0f} MiB ({extra_run['seconds']:.1f} s)\n",
+        flush=True,
+    )
+    floors = {pct: max(0, model_bytes - model_bytes * pct // 100) / bandwidth for pct in sorted(limits)}
+    rows: list[dict[str, Any]] = []
+    failed_at: dict[str, int] = {}
+    OUT.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="work-", dir=OUT) as tmp:
+        for pct in limits:  # largest first: a contender that fails is not run at the smaller limits
+            limit = model_bytes * pct // 100 + extra
+            for key in contenders:
+                head = {"pct": pct, "limit": limit, "contender": key}
+                if key in failed_at and not args.no_skip:
+                    rows.append({**head, "ok": False, "skipped": f"skipped (failed at {failed_at[key]} %)"})
+                    continue
+                r = {**head, **capped(key, spec, Path(tmp), limit, args.timeout)}
+                rows.append(r)
+                if not r["ok"]:
+                    failed_at.setdefault(key, pct)
+                for note in r.get("notes", []):
+                    print(f"  {key} at {pct} %: {note}", flush=True)
+                print(
+                    f"  {limit / MIB:6.0f} MiB ({pct:3d} %) {key:10s} forward {cell(r, 'forward_s', '.3f')} s, "
+                    f"decode {cell(r, 'decode_tps', '.2f')} tok/s, charged {r['max_usage'] / MIB:.0f} MiB: "
+                    f"{status(r)} ({r['seconds']:.0f} s)",
+                    flush=True,
+                )
+    rows.sort(key=lambda r: (r["pct"], contenders.index(r["contender"])))
+    ref = next((r["tokens"] for r in rows if r["contender"] == "memory" and "tokens" in r), None)
+    differ = [f"{r['contender']} at {r['pct']} %" for r in rows if ref and "tokens" in r and r["tokens"] != ref]
+    print()
+    print(table(rows, model_bytes))
+    print("\n| % of model | limit MiB | floor s/token | floor tok/s |\n|---:|---:|---:|---:|")
+    for pct, s in floors.items():
+        print(
+            f"| {pct} | {(model_bytes * pct // 100 + extra) / MIB:.0f} | {s:.3f} | {f'{1 / s:.2f}' if s else '- (all fits)'} |"
+        )
+    print(
+        f"\nlimit: % of the model's {model_bytes / MIB:.0f} MiB + the {extra / MIB:.0f} MiB allowance (cgroup v1, "
+        "RAM + swap, page cache charged, the page cache dropped before each child). forward s: the second "
+        f"1 x {SEQ} forward (the first where the status says one forward). decode tok/s: greedy generate() of "
+        f"{NEW_TOKENS} from {PROMPT_TOKENS}, the tokens after the first over their time. charged: the cgroup's "
+        "high-water mark over the child's life. status: ok, or how the child ended and in which step. "
+        f"floor: max(0, model - (limit - allowance)) / {bandwidth / MIB:.0f} MiB/s per decode token.\n"
+        + (
+            f"tokens that differ from the in-memory model's: {', '.join(differ)}"
+            if differ
+            else "every generate() that finished gave the in-memory model's tokens"
+            if ref
+            else "no in-memory run finished: tokens not compared"
+        ),
+        flush=True,
+    )
+    dump = {
+        "model": name,
+        "config": config,
+        "model_bytes": model_bytes,
+        "allowance": extra,
+        "allowance_run": extra_run,
+        "bandwidth": bandwidth,
+        "cpus": os.cpu_count(),
+        "command": command,
+        "timeout": args.timeout,
+        "floors": {str(pct): s for pct, s in floors.items()},
+        "runs": rows,
+    }
+    (OUT / "bench_ladder.json").write_text(json.dumps(dump, indent=1))
+    wrote = [OUT / "bench_ladder.json"]
+    if not args.no_png:
+        png = OUT / "ladder-quick.png" if args.quick else ROOT / "docs" / "ladder.png"
+        chart(dump, png)
+        wrote.append(png)
+    print(f"\nwrote {' and '.join(map(str, wrote))}; total {time.perf_counter() - t_start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
