@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from pylomin.adapt import Adaptive
 from pylomin.plan import ExpertCache, Plan, merge
 from pylomin.prefetch import Prefetcher, Recorder
 from pylomin.stage import Copy, Stager
@@ -79,6 +80,9 @@ class HookManager:
         self.recorder: Recorder | None = None  # while profiling; one check per hook otherwise
         self.prefetcher: Prefetcher | None = None
         self.stager: Stager | None = None
+        self.adaptive: Adaptive | None = None  # memory_budget="auto": re-plans between forwards
+        self.memory_note = ""  # what the memory policy chose, in words (profiler, `pylomin run`)
+        self._passes = 0  # root forwards running now, all threads
 
     @property
     def pinned_bytes(self) -> int:
@@ -106,7 +110,10 @@ class HookManager:
         for where in self.plan.random_access:
             self.store.random_access(*where)
         self._pin()
-        if self.plan.prefetch_units > 0:
+        if self.adaptive is not None:
+            self._handles.append(self.root.register_forward_pre_hook(self._recheck))
+            self._handles.append(self.root.register_forward_hook(self._after_pass, always_call=True))
+        if self.plan.prefetch_units > 0 or self.adaptive is not None and self.adaptive.prefetch_units > 0:
             if self.copy is not None:
                 streamed = {
                     i: [s.stored_name for s in self.targets[self.order[i]] if not s.pinned] for i in self.plan.streamed
@@ -151,6 +158,51 @@ class HookManager:
                         self._set(
                             slot, self.store.view(slot.stored_name).to(self.device, slot.placeholder.dtype, copy=True)
                         )
+
+    def _recheck(self, module: nn.Module, args: Any) -> None:
+        assert self.adaptive is not None
+        with self._lock:
+            alone = self._passes == 0
+            self._passes += 1
+        if alone:
+            self.adaptive.maybe_recheck()  # re-plans through `replan` when memory moved
+
+    def _after_pass(self, module: nn.Module, args: Any, output: Any) -> None:
+        with self._lock:
+            self._passes -= 1
+
+    def replan(self, plan: Plan, *, drop_page_cache: bool, note: str = "") -> None:
+        """Carry out a new plan between forwards: unpin what left the resident set, pin what joined it.
+
+        Used when the memory this process may use moved (`memory_budget="auto"`). Units running in
+        other threads keep what they hold (references); pages given back are dropped from the cache.
+        """
+        with self._lock:
+            self.plan = plan
+            self.store.drop_page_cache = drop_page_cache
+            self.memory_note = note or self.memory_note
+            gone: list[Slot] = []
+            for module in self.order:
+                for slot in self.targets[module]:
+                    if slot.pinned and slot.stored_name not in plan.resident:
+                        slot.pinned = False
+                        slot.refs -= 1
+                        if slot.refs == 0:
+                            gone.append(slot)
+            self._release(gone)
+            for g, e in self.expert_cache.resize(plan.expert_cache_bytes):
+                self._drop_expert(g, e)
+            self._pin()
+            if self.prefetcher is not None:
+                self.prefetcher.resize(
+                    max_units=plan.prefetch_units,
+                    max_bytes=plan.prefetch_bytes,
+                    skip={i for i, r in enumerate(plan.read_ahead) if not r},
+                )
+
+    def _drop_expert(self, group: int, e: int) -> None:
+        for where in merge([r for name in self._names_of[group] for r in self.plan.experts[name].ranges([e])]):
+            self.store.done(*where)
 
     def _wide_ranges(self) -> dict[int, list[tuple[str, int, int]]]:
         """Per target holding fused experts: its ranges with every expert (read ahead for prompts)."""
@@ -232,15 +284,16 @@ class HookManager:
         if not isinstance(index, torch.Tensor):
             return  # called some other way: the chosen experts' pages fault in as they are used
         self._top_k = index.shape[-1] if index.dim() else 1
-        chosen = [int(e) for e in torch.unique(index).tolist()]
         group = self._group[module]
+        if all(name in self.plan.resident for name in self._names_of[group]):
+            return  # every expert resident
+        chosen = [int(e) for e in torch.unique(index).tolist()]
         with self._lock:
             misses, dropped = self.expert_cache.use(group, chosen)
         rec = self.recorder
         t0 = time.perf_counter_ns() if rec is not None else 0
         for g, e in dropped:  # no longer among the most used: its pages go like a streamed unit's
-            for where in merge([r for name in self._names_of[g] for r in self.plan.experts[name].ranges([e])]):
-                self.store.done(*where)
+            self._drop_expert(g, e)
         hits = len(chosen) - len(misses)
         prefetcher = self.prefetcher
         if prefetcher is not None and prefetcher.wide_pass and module in self.index:

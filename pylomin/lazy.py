@@ -56,7 +56,9 @@ def lazy_loading(
     """
     if target_classes is not None and target_modules is not None:
         raise ValueError("pass either target_classes or target_modules, not both")
-    options = Options.check(prefetch=prefetch, prefetch_bytes=prefetch_bytes, drop_page_cache=drop_page_cache)
+    options = Options.check(
+        prefetch=prefetch, prefetch_bytes=prefetch_bytes, drop_page_cache=drop_page_cache, memory_budget=0
+    )
     if is_streamed(model):
         raise ValueError(f"`{type(model).__name__}` is already streamed or lazy; call pylomin.unload_ first")
     names = {m: n for n, m in model.named_modules()}

@@ -73,8 +73,9 @@ def make_plan(
     """Decide the plan for `targets` (module definition order) whose tensors lie at `locations`.
 
     - Resident set: the tensors that fit in `memory_budget` bytes, the most reused first (tied
-      weights are used by several targets), lookup tables before other tensors at equal use, then
-      in target order; a tensor that does not fit is passed over for smaller ones after it.
+      weights are used by several targets), then the larger first (an LM head), lookup-only tables
+      last (a forward reads a few of their rows), then in target order; a tensor that does not fit
+      is passed over for smaller ones after it.
     - Embedding lookups read a few rows: never read ahead, and mapped random-access unless the same
       tensor is also read whole by another target (a tied LM head wants the kernel's read-ahead).
     - A target whose tensors are all resident is not read ahead either.
@@ -82,7 +83,7 @@ def make_plan(
       token uses a few of them, so they are left out of their target's read-ahead, mapped
       random-access, and read per expert once the router has chosen. The budget goes to the other
       tensors first (each is used by every token; an expert by a few); what is left keeps the most
-      used experts (`expert_cache_bytes`), or all of them where they all fit.
+      used experts (`expert_cache_bytes`), or all of them where they all fit (resident).
     """
     experts = experts or {}
     fused = {
@@ -101,7 +102,15 @@ def make_plan(
     used = 0
     if memory_budget > 0:
         dense = [n for n in uses if n not in fused]
-        for name in sorted(dense, key=lambda n: (-uses[n], n not in looked_up)):  # stable: target order after that
+        only_looked_up = looked_up - read_whole
+
+        def value(n: str) -> tuple[int, bool, int]:
+            # Each resident byte of a tensor read whole saves a byte read per use; a lookup table
+            # reads a few rows. Larger first at equal use: an LM head kept resident shrinks the
+            # read-ahead window that the largest streamed unit sets. Stable: target order after that.
+            return (-uses[n], n in only_looked_up, -locations[n][2])
+
+        for name in sorted(dense, key=value):
             nbytes = locations[name][2]
             if used + nbytes <= memory_budget:
                 used += nbytes
@@ -110,8 +119,7 @@ def make_plan(
         if fused and used + experts_bytes <= memory_budget:
             resident.update(fused)
             used += experts_bytes
-            fused = {}
-    cache_bytes = max(0, memory_budget - used) if fused else 0
+    cache_bytes = max(0, memory_budget - used) if fused and not resident >= set(fused) else 0
 
     def read_whole_of(t: Target) -> list[str]:
         return [n for n in t.tensors if n not in fused]
@@ -204,6 +212,18 @@ class ExpertCache:
             self.kept_bytes += size
             heapq.heappush(self._heap, (count, key))
         return misses, dropped
+
+    def resize(self, capacity: int) -> list[tuple[int, int]]:
+        """A new capacity; returns the kept experts that no longer fit (the least used go first)."""
+        self.capacity = capacity
+        dropped: list[tuple[int, int]] = []
+        for key in sorted(self.kept, key=lambda k: self.uses[k]):
+            if self.kept_bytes <= capacity:
+                break
+            self.kept.discard(key)
+            self.kept_bytes -= self.sizes[key[0]]
+            dropped.append(key)
+        return dropped
 
     def kept_in(self, group: int) -> set[int]:
         """The experts of `group` kept now."""

@@ -156,6 +156,11 @@ class Prefetcher:
             self._queue.append(job)
             self._wake.notify()
 
+    def resize(self, *, max_units: int, max_bytes: int, skip: set[int]) -> None:
+        """A new read-ahead window and set of targets never read ahead (a re-plan)."""
+        with self._lock:
+            self.max_units, self.max_bytes, self.skip = max_units, max_bytes, set(skip)
+
     @property
     def wide_pass(self) -> bool:
         """Whether the running forward reads fused experts ahead whole (`begin_pass(wide=True)`)."""

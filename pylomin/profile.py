@@ -45,6 +45,7 @@ class Profile:
     names: list[str]
     nbytes: list[int]
     spans: list[Span] = field(default_factory=list)
+    memory: str = ""  # what the memory policy chose (`memory_budget="auto"`), in words
     _open: dict[tuple[int, int], int] = field(default_factory=dict)
 
     # --- called by the hooks and the reader (list.append and dict ops are atomic under the GIL) ---
@@ -99,6 +100,8 @@ class Profile:
         rate = f"{t['read_gbps']:.1f} GB/s" if t["read_gbps"] else "no reads"
         kind = "disk-bound" if idle > 0.10 else "compute-bound"
         line = f"{kind}: {rate}, compute idle {idle:.0%} of {t['wall']:.3f} s ({t['read_bytes'] / 2**20:.0f} MiB read)"
+        if self.memory:
+            line += f"; {self.memory}"
         if t["expert_lookups"]:
             line += (
                 f"; experts: {t['expert_lookups']:.0f} chosen, {t['expert_hit_rate']:.0%} kept resident,"
@@ -208,6 +211,7 @@ def profile(
     try:
         yield prof
     finally:
+        prof.memory = manager.memory_note  # as it stands at the end (a re-plan may have moved it)
         manager.recorder = None
         if manager.prefetcher is not None:
             manager.prefetcher.recorder = None

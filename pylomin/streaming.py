@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import os
@@ -18,10 +19,13 @@ from torch import nn
 
 from pylomin import cache, hub, layout
 from pylomin import manifest as fmt
+from pylomin.adapt import HEADROOM, Adaptive, Decision, decide
 from pylomin.build import bind, stored_dtype
 from pylomin.hooks import HookManager, Slot
+from pylomin.limits import Memory, read_memory
+from pylomin.memory import rss
 from pylomin.meta import build_on_meta, experts_count
-from pylomin.plan import Target, make_plan
+from pylomin.plan import Plan, Target, make_plan
 from pylomin.prefetch import Prefetcher
 from pylomin.stage import Copy, PinnedCopy
 from pylomin.store import Store
@@ -35,10 +39,10 @@ class Options:
 
     device: torch.device
     dtype: torch.dtype | None
-    drop_page_cache: bool
+    drop_page_cache: bool | None  # None: chosen with the budget ("auto")
     prefetch: int
     prefetch_bytes: int
-    memory_budget: int
+    memory_budget: int | None  # None: "auto", from the memory this process may use
 
     @classmethod
     def check(
@@ -46,19 +50,20 @@ class Options:
         *,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | str | None = None,
-        drop_page_cache: bool = True,
+        drop_page_cache: bool | None = None,
         prefetch: int = 2,
         prefetch_bytes: int | str = "256MiB",
-        memory_budget: int | str | None = None,
+        memory_budget: int | str | None = "auto",
     ) -> Options:
         """Options from the user's arguments; a `ValueError` that says what is allowed for a bad one."""
+        auto = memory_budget is None or isinstance(memory_budget, str) and memory_budget.strip().lower() == "auto"
         return cls(
             device=_check_device(device),
             dtype=_check_dtype(dtype),
-            drop_page_cache=_check_bool("drop_page_cache", drop_page_cache),
+            drop_page_cache=None if drop_page_cache is None else _check_bool("drop_page_cache", drop_page_cache),
             prefetch=_check_count("prefetch", prefetch),
             prefetch_bytes=_check_size("prefetch_bytes", prefetch_bytes),
-            memory_budget=0 if memory_budget is None else _check_size("memory_budget", memory_budget),
+            memory_budget=None if auto else _check_size("memory_budget", memory_budget),  # type: ignore[arg-type]
         )
 
 
@@ -102,10 +107,10 @@ def load_streaming(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
-    drop_page_cache: bool = True,
+    drop_page_cache: bool | None = None,
     prefetch: int = 2,
     prefetch_bytes: int | str = "256MiB",
-    memory_budget: int | str | None = None,
+    memory_budget: int | str | None = "auto",
     revision: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> nn.Module:
@@ -120,14 +125,20 @@ def load_streaming(
             (each unit is copied in before it runs).
         dtype: cast floating-point parameters to this dtype as they are loaded; default: as stored.
         drop_page_cache: after a unit runs, also drop its pages from the page cache, so the
-            process leaves no warm copy behind; `False` keeps them cached for the next forward
-            (faster when RAM allows).
+            process leaves no warm copy behind; `False` keeps them cached for the next forward.
+            Default: chosen with the budget (kept when the whole model is resident, dropped
+            when part of it streams, so that it never pushes the resident part out).
         prefetch: how many units a background reader makes resident ahead of the one running,
             in the execution order recorded on the first forward; 0 turns prefetching off.
+            With `memory_budget="auto"`, at most this many: fewer when a wider window would not fit.
         prefetch_bytes: at most this many bytes read ahead (`"512MiB"`, `"2GB"` or an int).
-        memory_budget: keep as many parameters resident for the model's lifetime as fit in this
-            many bytes (tied and embedding weights first, then in execution order); the rest
-            stream. A budget larger than the model behaves like the in-memory model.
+        memory_budget: `"auto"` (default): read how much memory this process may use (cgroup
+            v1/v2 limits and `MemAvailable`, the smallest), keep the whole model resident if it
+            fits (in-memory speed), else keep resident what fits and stream the rest; re-read
+            between forwards, at most once a second, and follow it (decisions are logged at
+            INFO). An int or `"2GiB"`: a fixed budget (tied and embedding weights first, then in
+            execution order; for MoE models, what is left keeps the most used experts). `0`:
+            least memory, everything streams.
         revision: with a repo id, the branch, tag or commit (default `main`).
         cache_dir: with a repo id, where converted models are kept (default `$PYLOMIN_CACHE`,
             else `~/.cache/pylomin`).
@@ -178,7 +189,7 @@ def attach_(
     buffers on CUDA, none on the CPU (parameters are views of the files there).
     """
     device = options.device
-    store = Store(folder, manifest, drop_page_cache=options.drop_page_cache)
+    store = Store(folder, manifest, drop_page_cache=options.drop_page_cache is not False)
     manager: HookManager | None = None
     try:
         slots = bind(model, manifest, store, options.dtype, strict=strict)
@@ -198,14 +209,36 @@ def attach_(
         # copies whole tensors).
         zero_copy = device.type == "cpu" and options.dtype in (None, stored_dtype(manifest))
         experts = _fused_experts(model, slots) if zero_copy and PER_EXPERT else {}
-        plan = make_plan(
-            targets,
-            locations,
-            memory_budget=options.memory_budget,
-            prefetch_units=options.prefetch,
-            prefetch_bytes=options.prefetch_bytes,
-            experts={name: count for names, count in experts.values() for name in names},
-        )
+        fused = {name: count for names, count in experts.values() for name in names}
+        model_bytes = sum(locations[n][2] for n in {n for t in targets for n in t.tensors})
+
+        def plan_for(budget: int, units: int) -> Plan:
+            return make_plan(
+                targets,
+                locations,
+                memory_budget=budget,
+                prefetch_units=units,
+                prefetch_bytes=options.prefetch_bytes,
+                experts=fused,
+            )
+
+        def largest_streamed(budget: int) -> int:
+            plan = plan_for(budget, 0)
+            return max(
+                (sum(locations[n][2] for n in set(t.tensors) - plan.resident - set(plan.experts)) for t in targets),
+                default=0,
+            )
+
+        decision = None
+        if options.memory_budget is None:
+            # Left to the process: the code pages it has mapped now (its working set), and some.
+            headroom = HEADROOM + rss().file
+            decision = _decide(options, device, model_bytes, largest_streamed, headroom)
+            store.drop_page_cache = decision.drop_page_cache
+            logger.info("%s", decision.describe())
+            plan = plan_for(decision.memory_budget, decision.prefetch_units)
+        else:
+            plan = plan_for(options.memory_budget, options.prefetch)
         if copy is None and device.type == "cuda":
             copy = PinnedCopy(device, plan.largest_streamed)
         manager = HookManager(
@@ -219,6 +252,12 @@ def attach_(
             copy=copy,
             experts={m: names for m, (names, _) in experts.items() if all(n in plan.experts for n in names)},
         )
+        if decision is not None:
+            manager.memory_note = decision.describe()
+            if device.type == "cpu":
+                manager.adaptive = _adaptive(
+                    manager, decision, options, plan_for, largest_streamed, headroom, zero_copy
+                )
         manager.attach()
     except BaseException:
         if manager is not None:
@@ -233,6 +272,62 @@ def attach_(
     cleanup = weakref.finalize(model, _close, manager.prefetcher, store, folder if remove_folder else None)
     model.__dict__[_STREAM] = Stream(store, manager, base, device, restore, cleanup)
     return model
+
+
+def _decide(
+    options: Options, device: torch.device, model_bytes: int, largest_streamed: Callable[[int], int], headroom: int
+) -> Decision:
+    """The `"auto"` decision at load: on the CPU from the memory this process may use; on CUDA the
+    GPU holds what fits in its free memory, and the host page cache keeps the model warm if it fits."""
+    host = read_memory()
+    units, window = options.prefetch, options.prefetch_bytes
+    if device.type != "cuda":
+        return decide(
+            host,
+            model_bytes,
+            largest_streamed,
+            headroom=headroom,
+            prefetch_units=units,
+            prefetch_bytes=window,
+            drop_page_cache=options.drop_page_cache,
+        )
+    free, total = torch.cuda.mem_get_info(device)
+    gpu = Memory(free, total, f"{device} free memory (torch.cuda.mem_get_info)")
+    on_gpu = decide(gpu, model_bytes, largest_streamed, prefetch_units=units, prefetch_bytes=window)
+    warm_on_host = model_bytes <= host.available - headroom
+    drop = options.drop_page_cache if options.drop_page_cache is not None else not warm_on_host
+    return dataclasses.replace(on_gpu, drop_page_cache=drop)
+
+
+def _adaptive(
+    manager: HookManager,
+    decision: Decision,
+    options: Options,
+    plan_for: Callable[[int, int], Plan],
+    largest_streamed: Callable[[int], int],
+    headroom: int,
+    zero_copy: bool,
+) -> Adaptive:
+    """Re-plans `manager` when the memory this process may use moves (CPU)."""
+
+    def apply(d: Decision) -> None:
+        manager.replan(
+            plan_for(d.memory_budget, d.prefetch_units), drop_page_cache=d.drop_page_cache, note=d.describe()
+        )
+
+    def held() -> int:  # resident copies (a dtype cast) are anonymous memory, not reclaimable pages
+        return 0 if zero_copy else manager.plan.resident_bytes
+
+    return Adaptive(
+        decision,
+        largest_streamed,
+        apply,
+        headroom=headroom,
+        prefetch_units=options.prefetch,
+        prefetch_bytes=options.prefetch_bytes,
+        drop_page_cache=options.drop_page_cache,
+        held=held,
+    )
 
 
 def _fused_experts(model: nn.Module, slots: dict[nn.Module, list[Slot]]) -> dict[nn.Module, tuple[list[str], int]]:

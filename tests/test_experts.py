@@ -25,7 +25,7 @@ def test_a_forward_reads_only_the_chosen_experts(disk_dir: Path) -> None:
     folder = pylomin.convert(src, disk_dir / "out", progress=False)
     ref = transformers.MixtralForCausalLM.from_pretrained(src).eval()
     models.evict([folder / u.file for u in fmt.read(folder).units])
-    model = pylomin.load_streaming(folder, transformers.MixtralForCausalLM, drop_page_cache=False)
+    model = pylomin.load_streaming(folder, transformers.MixtralForCausalLM, drop_page_cache=False, memory_budget=0)
     chosen: dict[str, set[int]] = {}
     for name, module in model.named_modules():
         if type(module).__name__ == "MixtralExperts":
@@ -120,7 +120,7 @@ def test_without_a_budget_nothing_is_kept_and_every_forward_reads_its_experts(di
     src = disk_dir / "src"
     mixtral(experts=8, hidden=64, intermediate=64).save_pretrained(src)
     folder = pylomin.convert(src, disk_dir / "out", progress=False)
-    model = pylomin.load_streaming(folder, transformers.MixtralForCausalLM)
+    model = pylomin.load_streaming(folder, transformers.MixtralForCausalLM, memory_budget=0)
     x = models.ids(batch=1, seq=1)
     with torch.no_grad(), pylomin.profile(model) as prof:
         model(x)
@@ -156,7 +156,7 @@ def test_a_prompt_reads_experts_ahead_whole_and_a_decode_token_reads_only_the_ch
     mixtral(experts=8, hidden=64, intermediate=64).save_pretrained(src)
     folder = pylomin.convert(src, disk_dir / "out", progress=False)
     ref = transformers.MixtralForCausalLM.from_pretrained(src).eval()
-    model = pylomin.load_streaming(folder, transformers.MixtralForCausalLM)
+    model = pylomin.load_streaming(folder, transformers.MixtralForCausalLM, memory_budget=0)
     whole = 8 * (64 * 128 + 64 * 64) * 4  # both fused tensors of one layer
     prompt, token = models.ids(batch=1, seq=16), models.ids(batch=1, seq=1)  # 16 tokens x top-2 >= 2 x 8 experts
     with torch.no_grad():

@@ -37,13 +37,15 @@ def test_a_units_tensors_are_one_merged_range() -> None:
     assert plan.ranges[4] == (("u0", 64, 4000),)
 
 
-def test_tied_weights_first_then_lookups_then_target_order() -> None:
-    # 4000 (tied, used twice) fits; wpe (a lookup) before h.0.w at equal use; h.0.w does not fit,
-    # the smaller h.0.b after it does.
+def test_tied_weights_first_then_the_larger_then_lookups() -> None:
+    # 4000 (tied, used twice) fits; then at equal use the larger first (h.0.w, h.1.w do not fit,
+    # the biases do); the lookup-only table (wpe) last: it would not fit any more.
     plan = make_plan(TARGETS, LOCATIONS, memory_budget=5150)
-    assert plan.resident == {"wte.weight", "wpe.weight", "h.0.b"}
-    assert plan.resident_bytes == 5100
+    assert plan.resident == {"wte.weight", "h.0.b", "h.1.b"}
+    assert plan.resident_bytes == 4200
     assert plan.read_ahead == (False, False, True, True, False)  # the head's only tensor is resident
+    roomier = make_plan(TARGETS, LOCATIONS, memory_budget=7300)
+    assert roomier.resident == {"wte.weight", "h.0.w", "h.0.b", "h.1.b"}  # wpe (1000) still last
 
 
 def test_a_budget_larger_than_the_model_keeps_everything_and_reads_nothing_ahead() -> None:
@@ -93,7 +95,8 @@ def test_experts_get_what_the_budget_leaves_after_the_dense_tensors() -> None:
     assert plan.resident == {"attn.w"}  # every token uses it; an expert, a few tokens
     assert plan.expert_cache_bytes == 3 * 6144 and set(plan.experts) == set(fused)
     everything = make_plan(targets, locations, memory_budget=1000 + 8 * 6144, experts=fused)
-    assert everything.resident == set(locations) and everything.experts == {}  # all fit: resident, not cached
+    assert everything.resident == set(locations)  # all fit: resident, nothing to cache
+    assert set(everything.experts) == set(fused)
     assert everything.expert_cache_bytes == 0
     assert make_plan(targets, locations, experts=fused).expert_cache_bytes == 0
 

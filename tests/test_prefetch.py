@@ -73,7 +73,7 @@ def test_bytes_and_units_in_flight_are_bounded(tmp_path: Path) -> None:
     unit = max(u.nbytes for u in fmt.read(folder).units)
     factory = lambda: nn.Sequential(*(nn.Linear(256, 256) for _ in range(12)))  # noqa: E731  (fresh modules per load)
     for units, nbytes, bound in [(3, 10 * MiB, 3 * unit), (8, 2 * unit + 100, 2 * unit), (1, 10 * MiB, unit)]:
-        model = pylomin.load_streaming(folder, factory, prefetch=units, prefetch_bytes=nbytes)
+        model = pylomin.load_streaming(folder, factory, prefetch=units, prefetch_bytes=nbytes, memory_budget=0)
         seen: list[tuple[int, int]] = []
         reader = prefetcher(model)
 
@@ -110,7 +110,9 @@ def test_reader_error_surfaces_in_the_calling_thread(tmp_path: Path) -> None:
     torch.save(nn.Sequential(*(nn.Linear(64, 64) for _ in range(6))).state_dict(), tmp_path / "m.pt")
     folder = pylomin.convert(tmp_path / "m.pt", tmp_path / "out", progress=False)
     before = reader_threads()
-    model = pylomin.load_streaming(folder, lambda: nn.Sequential(*(nn.Linear(64, 64) for _ in range(6))), prefetch=2)
+    model = pylomin.load_streaming(
+        folder, lambda: nn.Sequential(*(nn.Linear(64, 64) for _ in range(6))), prefetch=2, memory_budget=0
+    )
     victim = fmt.read(folder).units[4]
     # Damaged after loading: the reader reaches unit 4 (queued when unit 2 starts) before compute does.
     os.truncate(folder / victim.file, 0)
@@ -123,7 +125,7 @@ def test_reader_error_surfaces_in_the_calling_thread(tmp_path: Path) -> None:
 
 def test_exception_mid_forward_then_correct_forward(hf_dir, converted) -> None:
     ref = transformers.LlamaForCausalLM.from_pretrained(hf_dir("llama"), dtype=torch.float32).eval()
-    model = pylomin.load_streaming(converted("llama"), transformers.LlamaForCausalLM, prefetch=3)
+    model = pylomin.load_streaming(converted("llama"), transformers.LlamaForCausalLM, prefetch=3, memory_budget=0)
     with torch.no_grad():
         model(models.ids())
         with pytest.raises(IndexError):

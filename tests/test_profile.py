@@ -17,7 +17,7 @@ from tests import models
 
 @pytest.mark.parametrize("prefetch", [0, 2])
 def test_trace_and_verdict(converted, tmp_path: Path, prefetch: int) -> None:
-    model = pylomin.load_streaming(converted("bert"), transformers.BertModel, prefetch=prefetch)
+    model = pylomin.load_streaming(converted("bert"), transformers.BertModel, prefetch=prefetch, memory_budget=0)
     with torch.no_grad():
         model(models.ids())  # records the order: the reader runs ahead on the next forward
         with pylomin.profile(model, trace=tmp_path / "t.json", png=tmp_path / "t.png") as prof:

@@ -51,7 +51,7 @@ def test_a_model_with_a_stager_is_garbage_collected(tmp_path: Path, open_fds) ->
     threads, fds = readers(), open_fds()
     copy = CpuCopy()
     model = build_on_meta(stack, folder, None)
-    attach_(model, folder, fmt.read(folder), Options.check(), copy=copy)
+    attach_(model, folder, fmt.read(folder), Options.check(memory_budget=0), copy=copy)
     x = torch.randn(4, 512)
     with torch.no_grad():
         for _ in range(3):
@@ -71,7 +71,7 @@ def test_a_model_with_a_stager_is_garbage_collected(tmp_path: Path, open_fds) ->
 def test_unload_drops_copies_staged_but_never_used(tmp_path: Path) -> None:
     folder, ref = converted_stack(tmp_path)
     model = build_on_meta(stack, folder, None)
-    attach_(model, folder, fmt.read(folder), Options.check(prefetch=4), copy=CpuCopy())
+    attach_(model, folder, fmt.read(folder), Options.check(prefetch=4, memory_budget=0), copy=CpuCopy())
     with torch.no_grad():
         model(torch.randn(1, 512))
     stager = stream_of(model).manager.stager

@@ -41,7 +41,7 @@ def assert_all_on_meta(model: torch.nn.Module) -> None:
 @pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
 def test_forward_is_bit_identical(hf_dir, converted, name: str, options: dict) -> None:
     ref = reference(hf_dir, name)
-    model = pylomin.load_streaming(converted(name, **options), HF_CLASSES[name])
+    model = pylomin.load_streaming(converted(name, **options), HF_CLASSES[name], memory_budget=0)
     assert_all_on_meta(model)
     with torch.no_grad():
         for batch, seq in [(1, 5), (3, 17)]:
@@ -83,7 +83,7 @@ def test_custom_module_with_factory(tmp_path: Path, options: dict) -> None:
     torch.save(ref.state_dict(), tmp_path / "custom.pt")
     out = pylomin.convert(tmp_path / "custom.pt", tmp_path / "out", progress=False, **options)
     assert fmt.read(out).aliases == {"head.weight": "embed.weight"}
-    model = pylomin.load_streaming(out, models.Custom)
+    model = pylomin.load_streaming(out, models.Custom, memory_budget=0)
     assert_all_on_meta(model)
     assert torch.equal(model.offset, ref.offset)  # non-persistent buffer computed in __init__
     with torch.no_grad():
@@ -129,7 +129,7 @@ def test_keep_page_cache_option(hf_dir, disk_dir: Path, drop_page_cache: bool) -
 
 def test_two_threads_share_one_model(hf_dir, converted) -> None:
     ref = reference(hf_dir, "llama")
-    model = pylomin.load_streaming(converted("llama", unit="leaf"), transformers.LlamaForCausalLM)
+    model = pylomin.load_streaming(converted("llama", unit="leaf"), transformers.LlamaForCausalLM, memory_budget=0)
     inputs = [models.ids(2, 9, seed=s) for s in range(4)]
     with torch.no_grad():
         want = [ref(x).logits for x in inputs]
@@ -153,7 +153,7 @@ def test_two_threads_share_one_model(hf_dir, converted) -> None:
 
 def test_exception_inside_forward_leaves_model_usable(hf_dir, converted) -> None:
     ref = reference(hf_dir, "bert")
-    model = pylomin.load_streaming(converted("bert"), transformers.BertModel)
+    model = pylomin.load_streaming(converted("bert"), transformers.BertModel, memory_budget=0)
     with pytest.raises(IndexError), torch.no_grad():
         model(torch.full((1, 4), models.VOCAB + 5))  # token id past the vocabulary
     assert_all_on_meta(model)

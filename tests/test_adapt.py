@@ -1,0 +1,234 @@
+"""memory_budget="auto": the decision at a few figures, and a model that follows the memory it may use."""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import pylomin
+from pylomin import manifest as fmt
+from pylomin.adapt import HEADROOM, decide
+from pylomin.limits import Memory, read_memory
+from pylomin.streaming import stream_of
+from tests import models
+
+MiB, GiB = 2**20, 2**30
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def memory(available: int) -> Memory:
+    return Memory(available, 16 * GiB, "test")
+
+
+def const(nbytes: int):  # every unit as large: the largest streamed one never shrinks
+    return lambda budget: nbytes
+
+
+def test_keeping_more_resident_can_shrink_the_window() -> None:
+    # A 200 MiB head and 20 MiB layers: once the head is resident, the window is three layers.
+    d = decide(
+        memory(HEADROOM + 500 * MiB),
+        GiB,
+        lambda budget: 20 * MiB if budget >= 200 * MiB else 200 * MiB,
+        headroom=HEADROOM,
+        prefetch_units=2,
+        prefetch_bytes=256 * MiB,
+    )
+    assert (d.prefetch_units, d.memory_budget) == (2, 500 * MiB - 3 * 20 * MiB)
+
+
+def test_a_model_that_fits_is_kept_whole_and_warm() -> None:
+    d = decide(memory(4 * GiB), GiB, const(100 * MiB), headroom=HEADROOM, prefetch_units=2, prefetch_bytes=256 * MiB)
+    assert (d.memory_budget, d.drop_page_cache, d.fits) == (GiB, False, True)
+    assert "is kept resident" in d.describe()
+    # The user's word on the page cache wins.
+    forced = decide(
+        memory(4 * GiB),
+        GiB,
+        const(100 * MiB),
+        headroom=HEADROOM,
+        prefetch_units=2,
+        prefetch_bytes=256 * MiB,
+        drop_page_cache=True,
+    )
+    assert forced.drop_page_cache is True and forced.fits
+
+
+def test_half_the_model_keeps_what_fits_beside_the_window_and_drops_streamed_pages() -> None:
+    model, unit = GiB, 50 * MiB
+    d = decide(
+        memory(HEADROOM + model // 2), model, const(unit), headroom=HEADROOM, prefetch_units=2, prefetch_bytes=256 * MiB
+    )
+    assert not d.fits and d.drop_page_cache
+    assert d.prefetch_units == 2
+    assert d.memory_budget == model // 2 - 3 * unit  # the running unit and two read ahead
+    assert "GiB streamed" in d.describe()
+
+
+def test_a_window_that_would_not_fit_shrinks() -> None:
+    # Room for two units: the running one and one read ahead; none resident.
+    d = decide(
+        memory(HEADROOM + 100 * MiB),
+        GiB,
+        const(50 * MiB),
+        headroom=HEADROOM,
+        prefetch_units=2,
+        prefetch_bytes=256 * MiB,
+    )
+    assert (d.prefetch_units, d.memory_budget) == (1, 0)
+    tight = decide(
+        memory(HEADROOM + 60 * MiB), GiB, const(50 * MiB), headroom=HEADROOM, prefetch_units=2, prefetch_bytes=256 * MiB
+    )
+    assert (tight.prefetch_units, tight.memory_budget) == (0, 10 * MiB)
+    # prefetch_bytes bounds the window too.
+    small = decide(
+        memory(HEADROOM + 600 * MiB),
+        GiB,
+        const(50 * MiB),
+        headroom=HEADROOM,
+        prefetch_units=4,
+        prefetch_bytes=120 * MiB,
+    )
+    assert small.prefetch_units == 2
+    nothing = decide(memory(0), GiB, const(50 * MiB), headroom=HEADROOM, prefetch_units=2, prefetch_bytes=256 * MiB)
+    assert (nothing.prefetch_units, nothing.memory_budget) == (0, 0)
+
+
+def test_auto_on_a_roomy_machine_keeps_the_model_resident(hf_dir, converted) -> None:
+    folder = converted("gpt2")
+    ref = transformers.GPT2LMHeadModel.from_pretrained(hf_dir("gpt2")).eval()
+    model = pylomin.load_streaming(folder, transformers.GPT2LMHeadModel)  # defaults: "auto"
+    manager = stream_of(model).manager
+    m = fmt.read(folder)
+    assert manager.plan.resident_bytes == m.nbytes and not manager.store.drop_page_cache
+    assert "is kept resident" in manager.memory_note
+    x = models.ids()
+    with torch.no_grad(), pylomin.profile(model) as prof:
+        assert torch.equal(model(x).logits, ref(x).logits)
+    assert prof.totals()["read_bytes"] == 0  # nothing streams
+    assert all(p.device.type == "cpu" for p in model.parameters())  # never paged out
+    assert "is kept resident" in prof.verdict()
+
+
+def fake_machine(root: Path, available: int) -> Path:
+    (root / "proc").mkdir(parents=True, exist_ok=True)
+    (root / "proc" / "meminfo").write_text(f"MemTotal: {16 * GiB // 1024} kB\nMemAvailable: {available // 1024} kB\n")
+    return root
+
+
+def test_the_resident_part_follows_the_memory_available(hf_dir, converted, tmp_path: Path) -> None:
+    folder = converted("gpt2")
+    ref = transformers.GPT2LMHeadModel.from_pretrained(hf_dir("gpt2")).eval()
+    model = pylomin.load_streaming(folder, transformers.GPT2LMHeadModel)
+    manager = stream_of(model).manager
+    adaptive = manager.adaptive
+    assert adaptive is not None
+    now = [adaptive.checked_at]
+    adaptive.clock = lambda: now[0]
+    adaptive.read = lambda: read_memory(tmp_path)  # the reader itself, on a machine we control
+    total = fmt.read(folder).nbytes
+    x = models.ids()
+    with torch.no_grad():
+        want = ref(x).logits
+
+        def forward_after(seconds: float) -> torch.Tensor:
+            now[0] += seconds
+            return model(x).logits
+
+        # Shrinks to 40 % of the model: units are given back, the tied table (used twice) stays.
+        fake_machine(tmp_path, adaptive.headroom + int(0.4 * total))
+        assert torch.equal(forward_after(0.5), want)  # not a second yet: nothing re-read
+        assert manager.plan.resident_bytes == total
+        assert torch.equal(forward_after(1.0), want)
+        shrunk = manager.plan
+        assert 0 < shrunk.resident_bytes <= 0.4 * total and manager.store.drop_page_cache
+        assert "transformer.wte.weight" in shrunk.resident
+        streamed = [n for n in fmt.read(folder).tensor_index() if n not in shrunk.resident]
+        assert streamed and all(p.device.type == "meta" for n, p in model.named_parameters() if n in streamed)
+        assert torch.equal(forward_after(1.0), want)  # streams the rest, same answer
+        # Memory comes back: the model is whole again.
+        fake_machine(tmp_path, 8 * GiB)
+        assert torch.equal(forward_after(1.0), want)
+        assert manager.plan.resident_bytes == total and not manager.store.drop_page_cache
+        assert all(p.device.type == "cpu" for p in model.parameters())
+        assert torch.equal(forward_after(1.0), want)
+
+
+def test_every_decision_is_logged_with_its_figures(hf_dir, converted, tmp_path: Path, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="pylomin"):
+        model = pylomin.load_streaming(converted("bert"), transformers.BertModel)
+    assert any("available of" in r.getMessage() and "kept resident" in r.getMessage() for r in caplog.records)
+    adaptive = stream_of(model).manager.adaptive
+    assert adaptive is not None
+    adaptive.read = lambda: read_memory(fake_machine(tmp_path, adaptive.headroom))  # nothing to spare
+    adaptive.clock = lambda: 1e9
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pylomin"), torch.no_grad():
+        model(models.ids())
+    assert any("streamed" in r.getMessage() and "was" in r.getMessage() for r in caplog.records)
+
+
+def test_explicit_budgets_stay_fixed(converted) -> None:
+    model = pylomin.load_streaming(converted("gpt2"), transformers.GPT2LMHeadModel, memory_budget=0)
+    manager = stream_of(model).manager
+    assert manager.adaptive is None and manager.plan.resident_bytes == 0 and manager.store.drop_page_cache
+    warm = pylomin.load_streaming(converted("gpt2"), transformers.GPT2LMHeadModel, memory_budget="1MiB")
+    assert stream_of(warm).manager.adaptive is None
+
+
+CHILD = """
+import json, sys, torch, transformers, pylomin
+from pylomin.streaming import stream_of
+folder, out = sys.argv[1], sys.argv[2]
+model = pylomin.load_streaming(folder, transformers.LlamaForCausalLM)
+manager = stream_of(model).manager
+x = torch.arange(64).reshape(1, 64) % 1000
+with torch.no_grad():
+    logits = model(x).logits
+    logits = model(x).logits
+torch.save(logits, out + ".pt")
+json.dump({"resident": manager.plan.resident_bytes, "note": manager.memory_note}, open(out, "w"))
+"""
+
+
+@pytest.mark.slow
+def test_a_cgroup_limited_process_keeps_half_and_streams_the_rest(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT))
+    from scripts import _cgroup  # the benchmarks' cgroup v1 runner: page cache dropped first
+
+    why = _cgroup.unavailable()
+    if why is not None:
+        pytest.skip(why)
+    # A 330 MiB Llama; the child is allowed its own baseline (measured) + half the model.
+    cfg = transformers.LlamaConfig(
+        vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=16, num_attention_heads=8
+    )
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM(cfg).eval()
+    ref.save_pretrained(tmp_path / "src")
+    folder = pylomin.convert(tmp_path / "src", tmp_path / "out", progress=False)
+    nbytes = fmt.read(folder).nbytes
+    with torch.no_grad():
+        want = ref(torch.arange(64).reshape(1, 64) % 1000).logits
+    del ref
+    gc.collect()
+    baseline = _cgroup.run_capped(
+        [sys.executable, "-c", "import torch, transformers, pylomin, transformers.models.llama"], 4 * GiB, 300
+    )
+    assert baseline.ok, baseline.reason
+    out = tmp_path / "child.json"
+    run = _cgroup.run_capped(
+        [sys.executable, "-c", CHILD, str(folder), str(out)], baseline.max_usage + nbytes // 2, 300
+    )
+    assert run.ok, run.reason  # no OOM kill
+    got = json.loads(out.read_text())
+    assert 0 < got["resident"] < nbytes, got  # part kept, part streamed
+    assert "streamed" in got["note"], got
+    assert torch.equal(torch.load(f"{out}.pt"), want)
