@@ -87,12 +87,20 @@ def _run_model(args: argparse.Namespace) -> int:
 
     from pylomin.meta import resolve_model_cls
     from pylomin.profile import profile
-    from pylomin.streaming import load_streaming
+    from pylomin.streaming import load_streaming, stream_of
 
     model_cls = resolve_model_cls(args.model_cls)
     model = load_streaming(
-        args.model, model_cls, prefetch=args.prefetch, drop_page_cache=not args.keep_page_cache, revision=args.revision
+        args.model,
+        model_cls,
+        prefetch=args.prefetch,
+        memory_budget=args.memory_budget,
+        drop_page_cache=False if args.keep_page_cache else None,
+        revision=args.revision,
     )
+    note = stream_of(model).manager.memory_note
+    if note:
+        print(note)
     vocab = getattr(getattr(model, "config", None), "vocab_size", 1000)
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     prof = None
@@ -196,7 +204,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--runs", type=int, default=2, help="forwards; the last one is traced")
     p.add_argument("--prefetch", type=int, default=2)
-    p.add_argument("--keep-page-cache", action="store_true")
+    p.add_argument(
+        "--memory-budget", default="auto", help='"auto" (default: what this process may use), "2GiB", or 0 (least memory)'
+    )
+    p.add_argument("--keep-page-cache", action="store_true", help="never drop pages after use (default: chosen)")
     p.add_argument("--revision")
     p.add_argument("--trace", help="write a Chrome trace JSON (Perfetto, chrome://tracing)")
     p.add_argument("--png", help="write a timeline PNG")

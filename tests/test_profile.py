@@ -53,6 +53,9 @@ def test_cli_run_with_trace(converted, tmp_path: Path, capsys: pytest.CaptureFix
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "forward 2/2" in out and "-bound: " in out
+    assert out.startswith("memory: ") and "available of" in out  # the memory policy's choice, with its figures
     assert json.loads(trace.read_text())["traceEvents"]
+    assert main([*args[:4], "--seq", "8", "--runs", "1", "--memory-budget", "0"]) == 0
+    assert "memory: " not in capsys.readouterr().out  # a fixed budget: nothing chosen
     assert main(["run", str(converted("bert")), "--model-cls", "transformers.NoSuchModel"]) == 2
     assert "cannot import `transformers.NoSuchModel`" in capsys.readouterr().err
