@@ -205,7 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=2, help="forwards; the last one is traced")
     p.add_argument("--prefetch", type=int, default=2)
     p.add_argument(
-        "--memory-budget", default="auto", help='"auto" (default: what this process may use), "2GiB", or 0 (least memory)'
+        "--memory-budget",
+        default="auto",
+        help='"auto" (default: what this process may use), "2GiB", or 0 (least memory)',
     )
     p.add_argument("--keep-page-cache", action="store_true", help="never drop pages after use (default: chosen)")
     p.add_argument("--revision")
