@@ -85,7 +85,7 @@ CONTENDERS = {
     "default": "pylomin, default options",
 }
 PYLOMIN = ("dense", "per-expert", "cache-25", "cache-50", "default")
-CAPPED = ("per-expert", "dense", "default", "memory")
+CAPPED = ("memory", "accelerate", "dense", "per-expert", "cache-25", "default")
 EXPERT_TENSORS = ("experts.gate_up_proj", "experts.down_proj")
 
 
