@@ -198,6 +198,7 @@ class HookManager:
                     max_units=plan.prefetch_units,
                     max_bytes=plan.prefetch_bytes,
                     skip={i for i, r in enumerate(plan.read_ahead) if not r},
+                    wide=self._wide_ranges(),
                 )
 
     def _drop_expert(self, group: int, e: int) -> None:
@@ -205,11 +206,11 @@ class HookManager:
             self.store.done(*where)
 
     def _wide_ranges(self) -> dict[int, list[tuple[str, int, int]]]:
-        """Per target holding fused experts: its ranges with every expert (read ahead for prompts)."""
+        """Per target holding fused experts not all resident: its ranges with every expert (read ahead for prompts)."""
         out = {}
         for i, module in enumerate(self.order):
             fused = [s.stored_name for s in self.targets[module] if s.stored_name in self._group_of]
-            if fused:
+            if fused and not all(n in self.plan.resident for n in fused):
                 out[i] = merge([*self.plan.ranges[i], *(self.store.location(n) for n in fused)])
         return out
 

@@ -156,10 +156,12 @@ class Prefetcher:
             self._queue.append(job)
             self._wake.notify()
 
-    def resize(self, *, max_units: int, max_bytes: int, skip: set[int]) -> None:
-        """A new read-ahead window and set of targets never read ahead (a re-plan)."""
+    def resize(self, *, max_units: int, max_bytes: int, skip: set[int], wide: dict[int, list[Range]]) -> None:
+        """A new read-ahead window, set of targets never read ahead and experts read whole (a re-plan)."""
         with self._lock:
             self.max_units, self.max_bytes, self.skip = max_units, max_bytes, set(skip)
+            self.wide = wide
+            self._wide_nbytes = {t: sum(n for _, _, n in r) for t, r in wide.items()}
 
     @property
     def wide_pass(self) -> bool:

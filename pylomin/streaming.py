@@ -23,7 +23,6 @@ from pylomin.adapt import HEADROOM, Adaptive, Decision, decide
 from pylomin.build import bind, stored_dtype
 from pylomin.hooks import HookManager, Slot
 from pylomin.limits import Memory, read_memory
-from pylomin.memory import rss
 from pylomin.meta import build_on_meta, experts_count
 from pylomin.plan import Plan, Target, make_plan
 from pylomin.prefetch import Prefetcher
@@ -222,17 +221,20 @@ def attach_(
                 experts=fused,
             )
 
-        def largest_streamed(budget: int) -> int:
+        def largest_streamed(budget: int) -> int:  # what one streamed unit reads (a lookup: a few rows)
             plan = plan_for(budget, 0)
             return max(
-                (sum(locations[n][2] for n in set(t.tensors) - plan.resident - set(plan.experts)) for t in targets),
+                (
+                    sum(locations[n][2] for n in set(t.tensors) - plan.resident - set(plan.experts))
+                    for t in targets
+                    if not t.lookup
+                ),
                 default=0,
             )
 
         decision = None
         if options.memory_budget is None:
-            # Left to the process: the code pages it has mapped now (its working set), and some.
-            headroom = HEADROOM + rss().file
+            headroom = HEADROOM
             decision = _decide(options, device, model_bytes, largest_streamed, headroom)
             store.drop_page_cache = decision.drop_page_cache
             logger.info("%s", decision.describe())
