@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
@@ -137,3 +138,37 @@ def cold_read_bandwidth(paths: list[Path], repeats: int = 3) -> float:
 
 if __name__ == "__main__":  # ensure_gpt2's child
     _build_gpt2(Path(sys.argv[1]), json.loads(sys.argv[2]))
+
+
+def read_bytes() -> int:
+    """Bytes this process (all its threads) had the block layer fetch from storage so far."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
+
+
+class TokenClock:
+    """A `generate(streamer=...)` streamer: the time and `read_bytes` at every `put` (the first is the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.reads: list[int] = []
+
+    def put(self, value: Any) -> None:
+        self.times.append(time.perf_counter())
+        self.reads.append(read_bytes())
+
+    def end(self) -> None:
+        pass
+
+    def summary(self) -> dict[str, Any]:
+        """Prefill seconds, decode tokens/s and mean bytes read per decode token (the tokens after the first)."""
+        t, r = self.times, self.reads
+        decode = len(t) - 2  # puts: the prompt, the first new token, then the decode tokens
+        deltas = [b - a for a, b in zip(r[1:], r[2:], strict=False)]
+        return {
+            "prefill_s": t[1] - t[0],
+            "decode_tps": decode / (t[-1] - t[1]),
+            "read_per_token": sum(deltas) / len(deltas),
+            "token_s": [b - a for a, b in zip(t, t[1:], strict=False)],
+            "token_read": [b - a for a, b in zip(r, r[1:], strict=False)],
+        }

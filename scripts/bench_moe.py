@@ -56,7 +56,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _cgroup  # noqa: E402
-from _common import ENV, MIB, MODELS, ROOT, cold_read_bandwidth, ensure_converted, evict, unit_files  # noqa: E402
+from _common import (  # noqa: E402
+    ENV,
+    MIB,
+    MODELS,
+    ROOT,
+    TokenClock,
+    cold_read_bandwidth,
+    ensure_converted,
+    evict,
+    unit_files,
+)
 
 OUT = ROOT / "bench-out"
 PROMPT_TOKENS = 16
@@ -134,40 +144,6 @@ def token_bytes(folder: Path, top_k: int, experts: int) -> tuple[int, int, int]:
 
 
 # --- children -----------------------------------------------------------------------------------------
-
-
-def read_bytes() -> int:
-    """Bytes this process (all its threads) had the block layer fetch from storage so far."""
-    with open("/proc/self/io") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
-
-
-class TokenClock:
-    """A `generate(streamer=...)` streamer: the time and `read_bytes` at every `put` (the first is the prompt)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self.reads: list[int] = []
-
-    def put(self, value: Any) -> None:
-        self.times.append(time.perf_counter())
-        self.reads.append(read_bytes())
-
-    def end(self) -> None:
-        pass
-
-    def summary(self) -> dict[str, Any]:
-        """Prefill seconds, decode tokens/s and mean bytes read per decode token (the tokens after the first)."""
-        t, r = self.times, self.reads
-        decode = len(t) - 2  # puts: the prompt, the first new token, then the decode tokens
-        deltas = [b - a for a, b in zip(r[1:], r[2:], strict=False)]
-        return {
-            "prefill_s": t[1] - t[0],
-            "decode_tps": decode / (t[-1] - t[1]),
-            "read_per_token": sum(deltas) / len(deltas),
-            "token_s": [b - a for a, b in zip(t, t[1:], strict=False)],
-            "token_read": [b - a for a, b in zip(r, r[1:], strict=False)],
-        }
 
 
 def load(contender: str, spec: dict[str, Any], offload: Path, notes: list[str]) -> Any:
