@@ -4,8 +4,9 @@ python examples/ray_batch_inference.py                      # a small random BER
 python examples/ray_batch_inference.py --model-dir DIR      # a folder from `pylomin-convert`
 
 Needs `pip install 'pylomin[ray]'`. Texts are random token ids (no tokenizer, no download). Runs 1
-then 2 actors (1 CPU each) with the units streamed, then 2 actors with the whole model kept resident
-(`memory_budget`). Every run passes `drop_page_cache=False`: actors on one node map the same unit
+then 2 actors (1 CPU each) with the units streamed (`memory_budget=0`), then 2 actors with the whole
+model kept resident (`memory_budget` = the model; what the default, "auto", does on a node where it
+fits). Every run passes `drop_page_cache=False`: actors on one node map the same unit
 files, and a page one actor reads stays in the page cache for the other instead of being dropped.
 Each actor reads its own /proc/self/smaps_rollup after every batch and returns it as columns (the
 actors are gone once the dataset is done); the figures of each actor's last batch are summed.
@@ -76,7 +77,7 @@ def embed_step(units: str) -> Callable[[torch.nn.Module, Mapping[str, np.ndarray
     return step
 
 
-def run(ds: ray.data.Dataset, model_dir: Path, model_cls: str, actors: int, budget: int | None, batch: int) -> None:
+def run(ds: ray.data.Dataset, model_dir: Path, model_cls: str, actors: int, budget: int, batch: int) -> None:
     load = {"drop_page_cache": False, "memory_budget": budget}
     t = time.perf_counter()
     rows = map_batches(
@@ -91,7 +92,7 @@ def run(ds: ray.data.Dataset, model_dir: Path, model_cls: str, actors: int, budg
     wall = time.perf_counter() - t
     span = max(r["end"] for r in rows) - min(r["start"] for r in rows)
     last = {int(r["pid"]): r for r in sorted(rows, key=lambda r: r["end"])}  # each actor's last batch
-    mode = "streamed" if budget is None else "resident"
+    mode = "streamed" if budget == 0 else "resident"
     print(f"| {actors} | {mode} | {len(rows)} | {wall:.1f} | {len(rows) / wall:.1f} | {len(rows) / span:.1f} ", end="")
     total = {k: sum(int(r[k]) for r in last.values()) / MiB for k in (*FIELDS, *UNIT_FIELDS.values())}
     print(
@@ -131,7 +132,7 @@ def main() -> None:
         print("| actors | units | rows | wall s | rows/s | rows/s batches | anon | file | Shared_Clean | Pss_File "
               "| unit files resident | of it shared | unit files Pss |")  # fmt: skip
         print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for actors, budget in ((1, None), (2, None), (2, size)):
+        for actors, budget in ((1, 0), (2, 0), (2, size)):
             run(ds, model_dir, args.model_cls, actors, budget, args.batch_size)
         ray.shutdown()
 
