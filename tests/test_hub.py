@@ -72,15 +72,27 @@ LOAD_AND_COMPARE = """
     with torch.no_grad():
         a, b = model(models.ids()), ref(models.ids())
     key = "logits" if "logits" in a else "last_hidden_state"
-    print("EQUAL", torch.equal(a[key], b[key]))
+    print("EQUAL", torch.equal(a[key], b[key]), "MAXDIFF", float((a[key] - b[key]).abs().max()))
 """
+
+
+def same_output(stdout: str, repo: str) -> bool:
+    """Bit-identical, or (GPT-2 from a .bin only) one float32 rounding apart.
+
+    The tiny GPT-2's matrix products gave one of two roundings (~5e-7 apart) from process to
+    process in a full suite run, whichever model held the weights (also for transformers'
+    own `from_pretrained` of the .bin): the BLAS kernel's choice, not the weights.
+    """
+    if "EQUAL True" in stdout:
+        return True
+    return repo.endswith("gpt2-bin") and float(stdout.split("MAXDIFF")[1]) < 2e-6
 
 
 @pytest.mark.parametrize(("repo", "cls"), [("org/tiny-bert", "BertModel"), ("org/tiny-gpt2-bin", "GPT2LMHeadModel")])
 def test_load_by_repo_id_offline_converts_once(env: dict[str, str], repo: str, cls: str, tmp_path: Path) -> None:
     first = run(LOAD_AND_COMPARE.format(repo=repo, cls=cls, name="bert" if "bert" in repo else "gpt2"), env)
     assert first.returncode == 0, first.stderr
-    assert "EQUAL True" in first.stdout
+    assert same_output(first.stdout, repo), first.stdout
     assert "converting `" in first.stderr
     converted = tmp_path / "pl-cache" / repo.replace("/", "--") / folder_name(cls)
     manifest = json.loads((converted / "pylomin.json").read_text())
