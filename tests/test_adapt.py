@@ -232,3 +232,35 @@ def test_a_cgroup_limited_process_keeps_half_and_streams_the_rest(tmp_path: Path
     assert 0 < got["resident"] < nbytes, got  # part kept, part streamed
     assert "streamed" in got["note"], got
     assert torch.equal(torch.load(f"{out}.pt"), want)
+
+
+class _TableAndLayers(torch.nn.Module):
+    """A 12 MiB embedding table (looked up, never read whole) before four 256 KiB layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = torch.nn.Embedding(196608, 16)
+        self.up = torch.nn.Linear(16, 256, bias=False)
+        self.layers = torch.nn.Sequential(*(torch.nn.Linear(256, 256, bias=False) for _ in range(4)))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.layers(self.up(self.table(ids)))
+
+
+def test_a_lookup_table_never_sizes_the_read_ahead_window(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    ref = _TableAndLayers().eval()
+    torch.save(ref.state_dict(), tmp_path / "m.pt")
+    folder = pylomin.convert(tmp_path / "m.pt", tmp_path / "out", progress=False, unit="leaf")
+    model = pylomin.load_streaming(folder, _TableAndLayers)
+    adaptive = stream_of(model).manager.adaptive
+    assert adaptive is not None
+    # Room for the running layer and two ahead (3 x 256 KiB), nowhere near the 12 MiB table.
+    adaptive.read = lambda: read_memory(fake_machine(tmp_path / "machine", adaptive.headroom + MiB))
+    adaptive.clock = lambda: 1e9
+    ids = torch.arange(8).reshape(1, 8)
+    with torch.no_grad():
+        assert torch.equal(model(ids), ref(ids))
+    plan = stream_of(model).manager.plan
+    assert plan.prefetch_units == 2  # sized by a 256 KiB layer, not the table (which would leave none)
+    assert "table.weight" not in plan.resident  # looked up a few rows at a time: last in line
