@@ -213,6 +213,7 @@ def child(contender: str, spec: dict[str, Any], offload: Path, out: Path) -> Non
         t0 = time.perf_counter()
         model = load(contender, spec, offload, notes)
         r["load_s"] = time.perf_counter() - t0
+        record_memory_policy(model, r)
         save("forward")
         times = []
         for i in range(2):
@@ -239,7 +240,18 @@ def child(contender: str, spec: dict[str, Any], offload: Path, out: Path) -> Non
         y = model.generate(prompt, streamer=clock, **kw)
         r.update(clock.summary())
         r["tokens"] = y[0, PROMPT_TOKENS:].tolist()
+        record_memory_policy(model, r)
         save("done")
+
+
+def record_memory_policy(model: Any, r: dict[str, Any]) -> None:
+    """For pylomin's contenders: what the memory policy keeps resident now, and its line (auto)."""
+    from pylomin.streaming import is_streamed, stream_of
+
+    if is_streamed(model):
+        manager = stream_of(model).manager
+        r["resident_bytes"] = manager.plan.resident_bytes
+        r["memory_note"] = manager.memory_note
 
 
 # --- parent -------------------------------------------------------------------------------------------
@@ -519,6 +531,8 @@ def main() -> int:
                     f"{status(r)} ({r['seconds']:.0f} s)",
                     flush=True,
                 )
+                if r.get("memory_note"):
+                    print(f"    {r['resident_bytes'] / MIB:.0f} MiB resident; {r['memory_note']}", flush=True)
     rows.sort(key=lambda r: (r["limit"], contenders.index(r["contender"])))
     ref = next((r["tokens"] for r in rows if r["contender"] == "memory" and "tokens" in r), None)
     differ = [f"{r['contender']} at {where(r)}" for r in rows if ref and "tokens" in r and r["tokens"] != ref]
