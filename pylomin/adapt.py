@@ -115,6 +115,7 @@ class Adaptive:
         prefetch_bytes: int,
         drop_page_cache: bool | None,
         held: Callable[[], int] = lambda: 0,
+        taken: Callable[[], int] = lambda: 0,
         read: Callable[[], Memory] = read_memory,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -123,6 +124,7 @@ class Adaptive:
         self.headroom = headroom
         self.apply = apply
         self.held = held  # bytes the model holds as copies (anonymous memory): not taken from others
+        self.taken = taken  # bytes other models of this process keep resident: counted as reclaimable, never given
         self.read = read
         self.clock = clock
         self.prefetch_units = prefetch_units
@@ -137,9 +139,9 @@ class Adaptive:
             return None
         self.checked_at = now
         memory = self.read()
-        held = self.held()
-        if held:
-            memory = Memory(memory.available + held, memory.limit, memory.source)
+        adjust = self.held() - self.taken()
+        if adjust:
+            memory = Memory(max(0, memory.available + adjust), memory.limit, memory.source)
         new = decide(
             memory,
             self.current.model_bytes,

@@ -261,6 +261,7 @@ def attach_(
                     manager, decision, options, plan_for, largest_streamed, headroom, zero_copy
                 )
         manager.attach()
+        _LIVE.add(manager)
     except BaseException:
         if manager is not None:
             manager.detach()
@@ -276,12 +277,26 @@ def attach_(
     return model
 
 
+# The hook managers of the streamed models alive in this process: what each keeps resident is page
+# cache that the memory figure counts as reclaimable, but that model will not give it up.
+_LIVE: weakref.WeakSet[HookManager] = weakref.WeakSet()
+
+
+def _resident_elsewhere(manager: HookManager | None) -> int:
+    """Bytes the other streamed models of this process keep resident (file pages: host memory)."""
+    return sum(m.plan.resident_bytes for m in list(_LIVE) if m is not manager and m.device.type == "cpu")
+
+
 def _decide(
     options: Options, device: torch.device, model_bytes: int, largest_streamed: Callable[[int], int], headroom: int
 ) -> Decision:
-    """The `"auto"` decision at load: on the CPU from the memory this process may use; on CUDA the
-    GPU holds what fits in its free memory, and the host page cache keeps the model warm if it fits."""
+    """The `"auto"` decision at load: on the CPU from the memory this process may use (less what the
+    other streamed models of this process keep resident); on CUDA the GPU holds what fits in its free
+    memory, and the host page cache keeps the model warm if it fits."""
     host = read_memory()
+    elsewhere = _resident_elsewhere(None)
+    if elsewhere:
+        host = Memory(max(0, host.available - elsewhere), host.limit, host.source)
     units, window = options.prefetch, options.prefetch_bytes
     if device.type != "cuda":
         return decide(
@@ -329,6 +344,7 @@ def _adaptive(
         prefetch_bytes=options.prefetch_bytes,
         drop_page_cache=options.drop_page_cache,
         held=held,
+        taken=lambda: _resident_elsewhere(manager),
     )
 
 
@@ -362,6 +378,7 @@ def unload_(model: nn.Module) -> nn.Module:
     """
     stream = stream_of(model)
     del model.__dict__[_STREAM]
+    _LIVE.discard(stream.manager)
     stream.manager.detach(restore=stream.restore)
     stream.cleanup()
     model.__class__ = stream.base_class

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import gc
+import itertools
 import json
 import logging
 import sys
@@ -264,3 +266,30 @@ def test_a_lookup_table_never_sizes_the_read_ahead_window(tmp_path: Path) -> Non
     plan = stream_of(model).manager.plan
     assert plan.prefetch_units == 2  # sized by a 256 KiB layer, not the table (which would leave none)
     assert "table.weight" not in plan.resident  # looked up a few rows at a time: last in line
+
+
+def test_two_models_in_one_process_share_the_memory_instead_of_both_taking_it(converted, tmp_path: Path) -> None:
+    # Each model's resident pages are page cache, which the memory figure counts as reclaimable:
+    # without accounting, each would see the other's pages as free and keep everything.
+    gc.collect()  # models of earlier tests still hold their pages until they are collected
+    folder = converted("gpt2")
+    total = fmt.read(folder).nbytes
+    first = pylomin.load_streaming(folder, transformers.GPT2LMHeadModel)
+    second = pylomin.load_streaming(folder, transformers.GPT2LMHeadModel)
+    for model in (first, second):
+        adaptive = stream_of(model).manager.adaptive
+        assert adaptive is not None
+        # Room for one and a half models beside the headroom: the figure includes both models' pages.
+        fake_machine(tmp_path, adaptive.headroom + int(1.5 * total))
+        adaptive.read = functools.partial(read_memory, tmp_path)
+        adaptive.clock = itertools.count(adaptive.checked_at + 2, 2).__next__  # two seconds a forward
+    x = models.ids()
+    with torch.no_grad():
+        want = first(x).logits  # re-checks: the other keeps it all, so this one keeps half
+        assert torch.equal(second(x).logits, want)  # re-checks: the first keeps half now
+    a, b = stream_of(first).manager.plan.resident_bytes, stream_of(second).manager.plan.resident_bytes
+    assert a < total and a + b <= 1.5 * total, (a, b, total)
+    pylomin.unload_(second)  # gone: its pages no longer count against the first
+    with torch.no_grad():
+        assert torch.equal(first(x).logits, want)
+    assert stream_of(first).manager.plan.resident_bytes == total
