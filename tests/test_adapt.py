@@ -25,6 +25,12 @@ MiB, GiB = 2**20, 2**30
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def _collect_earlier_models() -> None:
+    """Streamed models of earlier tests count against this one's memory until they are collected."""
+    gc.collect()
+
+
 def memory(available: int) -> Memory:
     return Memory(available, 16 * GiB, "test")
 
@@ -271,7 +277,6 @@ def test_a_lookup_table_never_sizes_the_read_ahead_window(tmp_path: Path) -> Non
 def test_two_models_in_one_process_share_the_memory_instead_of_both_taking_it(converted, tmp_path: Path) -> None:
     # Each model's resident pages are page cache, which the memory figure counts as reclaimable:
     # without accounting, each would see the other's pages as free and keep everything.
-    gc.collect()  # models of earlier tests still hold their pages until they are collected
     folder = converted("gpt2")
     total = fmt.read(folder).nbytes
     first = pylomin.load_streaming(folder, transformers.GPT2LMHeadModel)
