@@ -96,6 +96,11 @@ def decide(
     return Decision(memory, model_bytes, budget, drop, units, prefetch_bytes)
 
 
+def with_available(memory: Memory, delta: int) -> Memory:
+    """`memory` with `delta` bytes more (or fewer) available, never below none."""
+    return Memory(max(0, memory.available + delta), memory.limit, memory.source) if delta else memory
+
+
 class Adaptive:
     """Re-reads the memory figure between forwards (at most every `RECHECK_S`) and re-plans when it moved.
 
@@ -110,10 +115,10 @@ class Adaptive:
         largest_streamed: Callable[[int], int],
         apply: Callable[[Decision], None],
         *,
-        headroom: int,
         prefetch_units: int,
         prefetch_bytes: int,
         drop_page_cache: bool | None,
+        headroom: int = HEADROOM,
         held: Callable[[], int] = lambda: 0,
         taken: Callable[[], int] = lambda: 0,
         read: Callable[[], Memory] = read_memory,
@@ -138,12 +143,8 @@ class Adaptive:
         if now - self.checked_at < RECHECK_S:
             return None
         self.checked_at = now
-        memory = self.read()
-        adjust = self.held() - self.taken()
-        if adjust:
-            memory = Memory(max(0, memory.available + adjust), memory.limit, memory.source)
         new = decide(
-            memory,
+            with_available(self.read(), self.held() - self.taken()),
             self.current.model_bytes,
             self.largest_streamed,
             headroom=self.headroom,

@@ -110,9 +110,6 @@ class HookManager:
         for where in self.plan.random_access:
             self.store.random_access(*where)
         self._pin()
-        if self.adaptive is not None:
-            self._handles.append(self.root.register_forward_pre_hook(self._recheck))
-            self._handles.append(self.root.register_forward_hook(self._after_pass, always_call=True))
         if self.plan.prefetch_units > 0 or self.adaptive is not None and self.adaptive.prefetch_units > 0:
             if self.copy is not None:
                 streamed = {
@@ -129,6 +126,7 @@ class HookManager:
                 stage=self.stager,
                 wide=self._wide_ranges(),
             )
+        if self.prefetcher is not None or self.adaptive is not None:
             self._handles.append(self.root.register_forward_pre_hook(self._begin_pass, with_kwargs=True))
             self._handles.append(self.root.register_forward_hook(self._end_pass, always_call=True))
         for module in self.order:
@@ -158,18 +156,6 @@ class HookManager:
                         self._set(
                             slot, self.store.view(slot.stored_name).to(self.device, slot.placeholder.dtype, copy=True)
                         )
-
-    def _recheck(self, module: nn.Module, args: Any) -> None:
-        assert self.adaptive is not None
-        with self._lock:
-            alone = self._passes == 0
-            self._passes += 1
-        if alone:
-            self.adaptive.maybe_recheck()  # re-plans through `replan` when memory moved
-
-    def _after_pass(self, module: nn.Module, args: Any, output: Any) -> None:
-        with self._lock:
-            self._passes -= 1
 
     def replan(self, plan: Plan, *, drop_page_cache: bool, note: str = "") -> None:
         """Carry out a new plan between forwards: unpin what left the resident set, pin what joined it.
@@ -215,21 +201,31 @@ class HookManager:
         return out
 
     def _begin_pass(self, module: nn.Module, args: Any, kwargs: Any) -> None:
-        assert self.prefetcher is not None
-        wide = False
-        if self.experts:
-            # A pass of T tokens routed to k of E experts each: when T * k >= 2E, most experts
-            # (1 - e^-2 = 86 % on average) are chosen in every layer; reading them ahead whole,
-            # overlapped with compute, beats reading them once the router has chosen.
-            ids = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
-            if isinstance(ids, torch.Tensor):
-                tokens = ids.shape[:-1].numel() if ids.is_floating_point() else ids.numel()
-                wide = tokens * self._top_k >= 2 * self._experts_per_layer
-        self.prefetcher.begin_pass(wide=wide)
+        with self._lock:
+            alone = self._passes == 0
+            self._passes += 1
+        if alone and self.adaptive is not None:
+            self.adaptive.maybe_recheck()  # re-plans through `replan` when memory moved
+        if self.prefetcher is not None:
+            self.prefetcher.begin_pass(wide=self._wide_pass(args, kwargs))
+
+    def _wide_pass(self, args: Any, kwargs: Any) -> bool:
+        """Whether a pass of these inputs chooses most experts in every layer: T tokens routed to k
+        of E experts each choose on average 1 - e^-2 = 86 % of them once T * k >= 2E; reading them
+        ahead whole, overlapped with compute, then beats reading them once the router has chosen."""
+        if not self.experts:
+            return False
+        ids = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+        if not isinstance(ids, torch.Tensor):
+            return False
+        tokens = ids.shape[:-1].numel() if ids.is_floating_point() else ids.numel()
+        return tokens * self._top_k >= 2 * self._experts_per_layer
 
     def _end_pass(self, module: nn.Module, args: Any, output: Any) -> None:
-        assert self.prefetcher is not None
-        self.prefetcher.end_pass()
+        with self._lock:
+            self._passes -= 1
+        if self.prefetcher is not None:
+            self.prefetcher.end_pass()
 
     def _frames(self) -> list[tuple[nn.Module, list[Slot]]]:
         frames = getattr(self._local, "frames", None)

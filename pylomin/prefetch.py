@@ -74,7 +74,6 @@ class Prefetcher:
         self.max_bytes = max_bytes
         self.skip = set(skip or ())
         self._nbytes = {t: sum(n for _, _, n in r) for t, r in ranges.items()}
-        self._wide_nbytes = {t: sum(n for _, _, n in r) for t, r in self.wide.items()}
         self._set_order(list(initial_order))
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -147,7 +146,7 @@ class Prefetcher:
                 break
             if nxt in self._pending:
                 continue
-            size = self._wide_nbytes[nxt] if whole else self._nbytes[nxt]
+            size = sum(n for _, _, n in self.wide[nxt]) if whole else self._nbytes[nxt]
             if nbytes + size > self.max_bytes:
                 break
             nbytes += size
@@ -161,7 +160,6 @@ class Prefetcher:
         with self._lock:
             self.max_units, self.max_bytes, self.skip = max_units, max_bytes, set(skip)
             self.wide = wide
-            self._wide_nbytes = {t: sum(n for _, _, n in r) for t, r in wide.items()}
 
     @property
     def wide_pass(self) -> bool:

@@ -19,7 +19,7 @@ from torch import nn
 
 from pylomin import cache, hub, layout
 from pylomin import manifest as fmt
-from pylomin.adapt import HEADROOM, Adaptive, Decision, decide
+from pylomin.adapt import HEADROOM, Adaptive, Decision, decide, with_available
 from pylomin.build import bind, stored_dtype
 from pylomin.hooks import HookManager, Slot
 from pylomin.limits import Memory, read_memory
@@ -234,8 +234,7 @@ def attach_(
 
         decision = None
         if options.memory_budget is None:
-            headroom = HEADROOM
-            decision = _decide(options, device, model_bytes, largest_streamed, headroom)
+            decision = _decide(options, device, model_bytes, largest_streamed)
             store.drop_page_cache = decision.drop_page_cache
             logger.info("%s", decision.describe())
             plan = plan_for(decision.memory_budget, decision.prefetch_units)
@@ -257,9 +256,7 @@ def attach_(
         if decision is not None:
             manager.memory_note = decision.describe()
             if device.type == "cpu":
-                manager.adaptive = _adaptive(
-                    manager, decision, options, plan_for, largest_streamed, headroom, zero_copy
-                )
+                manager.adaptive = _adaptive(manager, decision, options, plan_for, largest_streamed, zero_copy)
         manager.attach()
         _LIVE.add(manager)
     except BaseException:
@@ -288,22 +285,18 @@ def _resident_elsewhere(manager: HookManager | None) -> int:
 
 
 def _decide(
-    options: Options, device: torch.device, model_bytes: int, largest_streamed: Callable[[int], int], headroom: int
+    options: Options, device: torch.device, model_bytes: int, largest_streamed: Callable[[int], int]
 ) -> Decision:
     """The `"auto"` decision at load: on the CPU from the memory this process may use (less what the
     other streamed models of this process keep resident); on CUDA the GPU holds what fits in its free
     memory, and the host page cache keeps the model warm if it fits."""
-    host = read_memory()
-    elsewhere = _resident_elsewhere(None)
-    if elsewhere:
-        host = Memory(max(0, host.available - elsewhere), host.limit, host.source)
+    host = with_available(read_memory(), -_resident_elsewhere(None))
     units, window = options.prefetch, options.prefetch_bytes
     if device.type != "cuda":
         return decide(
             host,
             model_bytes,
             largest_streamed,
-            headroom=headroom,
             prefetch_units=units,
             prefetch_bytes=window,
             drop_page_cache=options.drop_page_cache,
@@ -311,7 +304,7 @@ def _decide(
     free, total = torch.cuda.mem_get_info(device)
     gpu = Memory(free, total, f"{device} free memory (torch.cuda.mem_get_info)")
     on_gpu = decide(gpu, model_bytes, largest_streamed, prefetch_units=units, prefetch_bytes=window)
-    warm_on_host = model_bytes <= host.available - headroom
+    warm_on_host = model_bytes <= host.available - HEADROOM
     drop = options.drop_page_cache if options.drop_page_cache is not None else not warm_on_host
     return dataclasses.replace(on_gpu, drop_page_cache=drop)
 
@@ -322,7 +315,6 @@ def _adaptive(
     options: Options,
     plan_for: Callable[[int, int], Plan],
     largest_streamed: Callable[[int], int],
-    headroom: int,
     zero_copy: bool,
 ) -> Adaptive:
     """Re-plans `manager` when the memory this process may use moves (CPU)."""
@@ -339,7 +331,6 @@ def _adaptive(
         decision,
         largest_streamed,
         apply,
-        headroom=headroom,
         prefetch_units=options.prefetch,
         prefetch_bytes=options.prefetch_bytes,
         drop_page_cache=options.drop_page_cache,
