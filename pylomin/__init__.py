@@ -5,6 +5,7 @@ from pylomin.embedding import ChunkedEmbedding, chunked_embedding
 from pylomin.errors import PylominError
 from pylomin.lazy import lazy_loading
 from pylomin.profile import Profile, profile
+from pylomin.quant import quantize_
 from pylomin.store import verify
 from pylomin.streaming import load_streaming, unload_
 
@@ -19,6 +20,7 @@ __all__ = [
     "lazy_loading",
     "load_streaming",
     "profile",
+    "quantize_",
     "unload_",
     "verify",
 ]

@@ -61,7 +61,10 @@ def bind(
                 f"the shape in current model is {p.shape}."
             )
             continue
-        load_dtype = dtype if dtype is not None and info.torch_dtype.is_floating_point else info.torch_dtype
+        owner0, _, attr0 = names[0].rpartition(".")
+        exact = attr0 in getattr(modules[owner0], "exact_dtype", ())  # a quantized layer's payload and scales
+        cast = dtype is not None and info.torch_dtype.is_floating_point and not exact
+        load_dtype = dtype if cast and dtype is not None else info.torch_dtype
         # requires_grad as built: matmul picks its kernel path by it, so it is part of bit-identity.
         grad = p.requires_grad and load_dtype.is_floating_point
         placeholder = nn.Parameter(torch.empty(info.shape, dtype=load_dtype, device="meta"), requires_grad=grad)

@@ -12,6 +12,7 @@ from typing import Any
 from pylomin import hub
 from pylomin import manifest as fmt
 from pylomin.convert import convert_local
+from pylomin.quant import Scheme
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +35,13 @@ def converted(
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
     model_cls: Any = None,
+    quantize: Scheme | None = None,
 ) -> Path:
     """The converted folder of `repo_id` at `revision`: from pylomin's cache, else downloaded and converted once.
 
     With a transformers `model_cls`, the tensors are converted to the layout that class holds at
-    run time, and the cache keys the folder by class and transformers version as well as commit.
+    run time, and the cache keys the folder by class and transformers version as well as commit;
+    with `quantize`, by the scheme too.
     A revision seen before resolves through the cache's `refs/` without touching the Hub. Two
     processes converting the same model wait on a lock; the second finds the first one's folder.
     """
@@ -48,29 +51,30 @@ def converted(
     base = _repo_dir(repo_id, cache_dir)
     ref = base / "refs" / (revision or "main")
     commit = revision if revision and _COMMIT.match(revision) else _read(ref)
-    if commit and (base / _folder_name(commit, hf_cls) / fmt.MANIFEST_NAME).is_file():
-        return base / _folder_name(commit, hf_cls)
+    if commit and (base / _folder_name(commit, hf_cls, quantize) / fmt.MANIFEST_NAME).is_file():
+        return base / _folder_name(commit, hf_cls, quantize)
     src = hub.snapshot(repo_id, revision)
     commit = src.name if _COMMIT.match(src.name) else (revision or "main")
-    out = base / _folder_name(commit, hf_cls)
+    out = base / _folder_name(commit, hf_cls, quantize)
     base.mkdir(parents=True, exist_ok=True)
     with FileLock(str(base / f"{out.name}.lock")):
         if not (out / fmt.MANIFEST_NAME).is_file():
             logger.info("converting `%s` (%s) into the cache at `%s`", repo_id, commit, out)
             source: dict[str, object] = {"repo_id": repo_id, "revision": revision or "main", "commit": commit}
-            convert_local(src, out, source, progress=progress, model_cls=hf_cls)
+            convert_local(src, out, source, progress=progress, model_cls=hf_cls, quantize=quantize)
         ref.parent.mkdir(parents=True, exist_ok=True)
         ref.write_text(commit)
     return out
 
 
-def _folder_name(commit: str, hf_cls: type | None) -> str:
+def _folder_name(commit: str, hf_cls: type | None, quantize: Scheme | None = None) -> str:
     # The layout depends on the class and on the transformers version's conversion mapping.
-    if hf_cls is None:
-        return commit
-    import transformers
+    name = commit
+    if hf_cls is not None:
+        import transformers
 
-    return f"{commit}.{hf_cls.__name__}.transformers-{transformers.__version__}"
+        name = f"{commit}.{hf_cls.__name__}.transformers-{transformers.__version__}"
+    return name if quantize is None else f"{name}.{quantize}"
 
 
 def _read(path: Path) -> str | None:

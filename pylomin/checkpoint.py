@@ -55,6 +55,7 @@ class SourceTensor:
     pieces: list[tuple[SourceTensor, int, int]] | None = (
         None  # or the bytes of these (source, offset, length), in order
     )
+    keep_dtype: bool = False  # never cast (a quantized payload's scales are stored as its kernel reads them)
 
     @property
     def nbytes(self) -> int:

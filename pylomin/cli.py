@@ -18,6 +18,7 @@ _USER_ERRORS = (OSError, ValueError, PylominError)  # OSError: missing paths, ex
 _CONVERT_EXAMPLE = """example:
   pylomin-convert ./bert-large ./bert-large-pylomin            # a Hugging Face model folder
   pylomin-convert model.safetensors out/ --unit leaf --dtype float16
+  pylomin-convert ./llama ./llama-int8 --quantize int8          # int8 Linear weights: a quarter of the bytes
 """
 
 
@@ -35,6 +36,14 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
         help="the transformers class the folder will be loaded with, e.g. transformers.MixtralForCausalLM "
         "(default: the class in config.json); tensors are written in the layout it holds at run time",
     )
+    p.add_argument(
+        "--quantize",
+        choices=["int8", "int4"],
+        help="weight-only quantization of the Linear layers (embeddings, norms, biases, tied weights and the "
+        "LM head stay as stored)",
+    )
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128], help="with --quantize int4: inputs per scale (64)")
+    p.add_argument("--quantize-head", action="store_true", help="with --quantize: quantize the LM head too")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -49,6 +58,9 @@ def _convert(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         revision=args.revision,
         model_cls=args.model_cls,
+        quantize=args.quantize,
+        group_size=args.group_size,
+        quantize_head=args.quantize_head,
     )
     m = fmt.read(out)
     if not args.quiet:

@@ -20,8 +20,10 @@ from tqdm.auto import tqdm
 from pylomin import _os, hub
 from pylomin import manifest as fmt
 from pylomin.checkpoint import Checkpoint, SourceTensor, open_checkpoint
+from pylomin.compress import quantize_checkpoint
 from pylomin.errors import PylominError
 from pylomin.layout import runtime_layout
+from pylomin.quant import Quantization, Scheme
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,9 @@ def convert(
     progress: bool = True,
     revision: str | None = None,
     model_cls: str | type | None = None,
+    quantize: str | None = None,
+    group_size: int | None = None,
+    quantize_head: bool = False,
 ) -> Path:
     """Shard a checkpoint into one safetensors file per unit plus a `pylomin.json` manifest.
 
@@ -64,6 +69,13 @@ def convert(
             such as `"transformers.MixtralForCausalLM"`); default the class in `config.json`'s
             `architectures`. Tensors are written in the layout this class holds at run time
             (transformers' checkpoint conversion mapping: renamed keys, fused experts).
+        quantize: `"int8"` (symmetric, one scale per output channel) or `"int4"` (groups of
+            `group_size` inputs, 32/64/128, default 64; `"int4-g128"` also reads) weight-only
+            quantization of the `nn.Linear` layers; embeddings, norms, biases, tied weights and the
+            LM head are kept as stored. Layers the kernels cannot run (odd shapes) are skipped and
+            logged. Needs a model folder (config.json) or `model_cls`.
+        group_size: with `quantize="int4"`, inputs per scale.
+        quantize_head: quantize the LM head too (when it is not tied to the embeddings).
 
     Returns:
         The path of the converted folder.
@@ -75,6 +87,9 @@ def convert(
         raise ValueError(f"unit must be 'block' or 'leaf', got {unit!r}")
     if blocks_per_unit < 1:
         raise ValueError(f"blocks_per_unit must be >= 1, got {blocks_per_unit}")
+    scheme = Scheme.parse(quantize, group_size) if quantize is not None else None
+    if scheme is None and (group_size is not None or quantize_head):
+        raise ValueError("group_size and quantize_head go with quantize='int8' or 'int4'")
     out_dtype = fmt.parse_dtype(dtype) if isinstance(dtype, str) else dtype
     if out_dtype is not None and not out_dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point dtype, got `{out_dtype}`")
@@ -95,6 +110,8 @@ def convert(
         blocks_per_unit=blocks_per_unit,
         progress=progress,
         model_cls=model_cls,
+        quantize=scheme,
+        quantize_head=quantize_head,
     )
     return out
 
@@ -109,16 +126,23 @@ def convert_local(
     blocks_per_unit: int = 1,
     progress: bool = True,
     model_cls: str | type | None = None,
+    quantize: Scheme | None = None,
+    quantize_head: bool = False,
 ) -> fmt.Manifest:
     """`convert` of a local checkpoint, arguments already checked; `source` goes into the manifest."""
     ckpt = open_checkpoint(src)
     if not ckpt.tensors:
         raise ValueError(f"`{src}` holds no tensors")
-    ckpt, layout, experts = runtime_layout(ckpt, Path(src), model_cls)
+    ckpt, layout, experts, model = runtime_layout(ckpt, Path(src), model_cls)
+    quantization = None
+    if quantize is not None:
+        ckpt, quantization = quantize_checkpoint(ckpt, model, quantize, head=quantize_head, src=Path(src))
     plan = plan_units([t.name for t in ckpt.tensors], unit=unit, blocks_per_unit=blocks_per_unit, own=experts)
     source = {**source, "path": str(Path(src).resolve())}
     source["files"] = [{"name": f.name, "size": f.stat().st_size} for f in ckpt.weight_files]
-    return write_folder(ckpt, plan, out, dtype=dtype, progress=progress, source=source, layout=layout)
+    return write_folder(
+        ckpt, plan, out, dtype=dtype, progress=progress, source=source, layout=layout, quantization=quantization
+    )
 
 
 def write_folder(
@@ -130,6 +154,7 @@ def write_folder(
     progress: bool = True,
     source: Mapping[str, object] | None = None,
     layout: dict[str, str] | None = None,
+    quantization: Quantization | None = None,
 ) -> fmt.Manifest:
     """Write `ckpt` as the units of `plan` into `out`, atomically (built beside it, renamed last)."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -139,6 +164,7 @@ def write_folder(
         m = _write_units(ckpt, plan, tmp, dtype, progress)
         m.source = dict(source or {})
         m.layout = layout
+        m.quantization = quantization
         m.dtype = str(dtype).removeprefix("torch.") if dtype else None
         for f in ckpt.extra_files:
             shutil.copyfile(f, tmp / f.name)
@@ -414,7 +440,7 @@ def _as_bytes(x: torch.Tensor, dtype: torch.dtype) -> memoryview:
 
 
 def _out_dtype(t: SourceTensor, dtype: torch.dtype | None) -> torch.dtype:
-    return dtype if dtype is not None and t.dtype.is_floating_point else t.dtype
+    return dtype if dtype is not None and t.dtype.is_floating_point and not t.keep_dtype else t.dtype
 
 
 def _out_nbytes(t: SourceTensor, dtype: torch.dtype | None) -> int:

@@ -115,7 +115,8 @@ class HookManager:
                 streamed = {
                     i: [s.stored_name for s in self.targets[self.order[i]] if not s.pinned] for i in self.plan.streamed
                 }
-                self.stager = Stager(self.store, streamed, self.dtype, self.copy)
+                dtypes = {s.stored_name: s.placeholder.dtype for slots in self.targets.values() for s in slots}
+                self.stager = Stager(self.store, streamed, dtypes, self.copy)
             self.prefetcher = Prefetcher(
                 self.store,
                 dict(enumerate(map(list, self.plan.ranges))),
@@ -320,11 +321,12 @@ class HookManager:
             self._set(slot, tensor)
             return True
         tensor = self.store.view(slot.stored_name)
-        cast = self.dtype is not None and tensor.is_floating_point() and tensor.dtype != self.dtype
+        # The placeholder carries the dtype to load in (integers, a quantized layer's scales: as stored).
+        cast = tensor.dtype != slot.placeholder.dtype
         if self.device.type == "cpu" and not cast:
             self._set(slot, tensor)
             return False
-        tensor = tensor.to(device=self.device, dtype=self.dtype if cast else None)
+        tensor = tensor.to(device=self.device, dtype=slot.placeholder.dtype)
         # The copy is independent of the mapping: its pages are done already.
         self.store.done(*self.store.location(slot.stored_name))
         self._set(slot, tensor)

@@ -264,18 +264,18 @@ def to_runtime_layout(ckpt: Checkpoint, model: PreTrainedModel) -> tuple[Checkpo
 
 def runtime_layout(
     ckpt: Checkpoint, src: Path, model_cls: str | type | None
-) -> tuple[Checkpoint, dict[str, str] | None, set[str]]:
+) -> tuple[Checkpoint, dict[str, str] | None, set[str], nn.Module | None]:
     """A transformers folder's tensors in the layout its model class holds at run time (see `pylomin.layout`),
-    the layout's record, and the model's fused-experts modules."""
+    the layout's record, the model's fused-experts modules, and the model on meta (None without a class)."""
     if not (src.is_dir() and (src / "config.json").is_file()):
         if model_cls is not None:
             raise ValueError(f"model_cls is for a model folder with a config.json; `{src}` is not one")
-        return ckpt, None, set()
+        return ckpt, None, set(), None
     try:
         import transformers
     except ImportError:
         logger.info("transformers is not installed: `%s` is converted with its tensor names as they are", src)
-        return ckpt, None, set()
+        return ckpt, None, set(), None
     from pylomin.meta import build_on_meta, experts_count, resolve_model_cls
 
     if model_cls is None:
@@ -285,13 +285,13 @@ def runtime_layout(
         model_cls = getattr(transformers, architectures[0], None) if architectures else None
         if model_cls is None:
             logger.info("`%s` names no known architecture: tensor names are kept; pass model_cls to convert them", src)
-            return ckpt, None, set()
+            return ckpt, None, set(), None
     cls = resolve_model_cls(model_cls)
     model = build_on_meta(cls, src, None)
     if not isinstance(model, transformers.PreTrainedModel):
         raise ValueError(f"model_cls must be a transformers model class, got `{type(model).__name__}`")
     experts = {name for name, m in model.named_modules() if experts_count(m) is not None}
-    return (*to_runtime_layout(ckpt, model), experts)
+    return (*to_runtime_layout(ckpt, model), experts, model)
 
 
 def check(layout: dict[str, str] | None, model: nn.Module, folder: Path) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from pylomin.errors import PylominError
+from pylomin.quant import Quantization
 
 FORMAT_NAME = "pylomin"
 FORMAT_VERSION = 1
@@ -105,6 +106,8 @@ class Manifest:
     # The run-time layout the tensors are in, when transformers' conversion mapping changed them:
     # {"transformers": version, "model_cls": class name, "mapping": fingerprint}; None: as in the source.
     layout: dict[str, str] | None = None
+    # The Linear layers stored quantized (payload + scales), the scheme and the int4 packing; None: none.
+    quantization: Quantization | None = None
     format_version: int = FORMAT_VERSION
 
     def tensor_index(self) -> dict[str, tuple[Unit, TensorInfo]]:
@@ -124,6 +127,7 @@ class Manifest:
             "aliases": self.aliases,
             "extra_files": self.extra_files,
             "layout": self.layout,
+            "quantization": self.quantization.to_json() if self.quantization else None,
             "units": [
                 {**asdict(u), "tensors": {n: {**asdict(t), "shape": list(t.shape)} for n, t in u.tensors.items()}}
                 for u in self.units
@@ -176,11 +180,18 @@ def read(folder: str | os.PathLike[str]) -> Manifest:
             dtype=doc.get("dtype"),
             extra_files=[str(x) for x in doc.get("extra_files", [])],
             layout=_layout_from_json(doc.get("layout")),
+            quantization=Quantization.from_json(doc.get("quantization")),
             format_version=version,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise PylominError(f"`{path}` is malformed ({type(e).__name__}: {e}); convert the model again") from None
     stored = manifest.tensor_index()
+    for module in manifest.quantization.modules if manifest.quantization else []:
+        for attr in ("weight", "scales"):
+            if f"{module}.{attr}" not in stored:
+                raise PylominError(
+                    f"`{path}`: quantized module `{module}` has no stored `{attr}`; convert the model again"
+                )
     for alias, target in manifest.aliases.items():
         if target not in stored:
             raise PylominError(f"`{path}`: alias `{alias}` points to `{target}`, which no unit stores")

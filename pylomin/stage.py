@@ -22,10 +22,10 @@ Copy = Callable[[torch.Tensor, "torch.dtype | None"], "tuple[torch.Tensor, Any]"
 class Stager:
     """Copies a target's streamed tensors to the device when the reader reaches it; the hooks take them."""
 
-    def __init__(self, store: Store, tensors: dict[int, list[str]], dtype: torch.dtype | None, copy: Copy):
+    def __init__(self, store: Store, tensors: dict[int, list[str]], dtypes: dict[str, torch.dtype], copy: Copy):
         self.store = store
         self.tensors = tensors  # target index -> stored names copied ahead (resident ones are not)
-        self.dtype = dtype
+        self.dtypes = dtypes  # stored name -> the dtype it is loaded in
         self.copy = copy
         self._staged: dict[str, tuple[torch.Tensor, Any]] = {}
         self._lock = threading.Lock()
@@ -37,7 +37,8 @@ class Stager:
                 if name in self._staged:
                     continue
             src = self.store.view(name)
-            dev, event = self.copy(src, self.dtype if src.is_floating_point() else None)
+            dtype = self.dtypes.get(name, src.dtype)
+            dev, event = self.copy(src, dtype if dtype != src.dtype else None)
             self.store.done(*self.store.location(name))  # the device copy is independent of the mapping
             with self._lock:
                 self._staged[name] = (dev, event)

@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from pylomin import cache, hub, layout
+from pylomin import cache, hub, layout, quant
 from pylomin import manifest as fmt
 from pylomin.adapt import HEADROOM, Adaptive, Decision, decide, with_available
 from pylomin.build import bind, stored_dtype
+from pylomin.errors import PylominError
 from pylomin.hooks import HookManager, Slot
 from pylomin.limits import Memory, read_memory
 from pylomin.meta import build_on_meta, experts_count
@@ -112,6 +113,7 @@ def load_streaming(
     memory_budget: int | str | None = "auto",
     revision: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    quantize: str | None = None,
 ) -> nn.Module:
     """Build `model_cls` with its parameters on disk, paged in per unit as the model runs.
 
@@ -141,6 +143,9 @@ def load_streaming(
         revision: with a repo id, the branch, tag or commit (default `main`).
         cache_dir: with a repo id, where converted models are kept (default `$PYLOMIN_CACHE`,
             else `~/.cache/pylomin`).
+        quantize: with a repo id, convert it with `"int8"` or `"int4"` (`"int4-g128"`) Linear
+            weights (see `pylomin.convert`); the scheme is part of the cache key. A converted
+            folder needs nothing: it says what it holds (this only checks it).
 
     Returns:
         The model in eval mode, ready for inference; outputs equal the in-memory model's.
@@ -158,17 +163,37 @@ def load_streaming(
         prefetch_bytes=prefetch_bytes,
         memory_budget=memory_budget,
     )
+    scheme = quant.Scheme.parse(quantize) if quantize is not None else None
     folder = Path(path)
     if hub.is_repo_id(path):
-        folder = cache.converted(os.fspath(path), revision, cache_dir=cache_dir, model_cls=model_cls)
+        folder = cache.converted(os.fspath(path), revision, cache_dir=cache_dir, model_cls=model_cls, quantize=scheme)
     elif not folder.exists():
         raise FileNotFoundError(
             f"`{folder}` does not exist; convert a model first with `pylomin-convert MODEL {folder}`"
         )
     manifest = fmt.read(folder)
+    held = manifest.quantization
+    if scheme is not None and (held is None or held.scheme != scheme):
+        raise ValueError(
+            f"quantize={quantize!r}, but `{folder}` holds {f'{held.scheme} weights' if held else 'unquantized weights'}; "
+            f"a converted folder is loaded as it is: convert it with `pylomin-convert SRC OUT_DIR --quantize ...`"
+        )
     model = build_on_meta(model_cls, folder, options.dtype or stored_dtype(manifest))
     layout.check(manifest.layout, model, folder)
+    if held is not None:
+        _prepare_quantized(model, held, folder, options.device)
     return attach_(model, folder, manifest, options).eval()
+
+
+def _prepare_quantized(model: nn.Module, held: quant.Quantization, folder: Path, device: torch.device) -> None:
+    """The folder's quantized Linear layers swapped in on meta, after checking this machine runs them right."""
+    if held.scheme.name == "int4" and device.type != "cpu":
+        raise PylominError(
+            f"`{folder}` holds int4 weights in the layout of torch's CPU kernel, which {device} cannot run; "
+            "load it with device='cpu', or convert with --quantize int8 for a GPU"
+        )
+    quant.check_kernels(held.scheme, held.pack, folder)
+    quant.swap_(model, held, folder)
 
 
 def attach_(

@@ -80,13 +80,14 @@ def _build_gpt2(path: Path, config: dict[str, int]) -> None:
     tmp.rename(path)
 
 
-def ensure_converted(src: Path, folder: Path, unit: str = "block") -> Path:
-    """Convert `src` into `folder` with `unit` units unless it is already there."""
+def ensure_converted(src: Path, folder: Path, unit: str = "block", quantize: str | None = None) -> Path:
+    """Convert `src` into `folder` with `unit` units (and `quantize`d Linear layers) unless it is already there."""
     if not (folder / "pylomin.json").is_file():
         import pylomin
 
-        print(f"converting {src} -> {folder} ({unit} units, first run only)", flush=True)
-        pylomin.convert(src, folder, unit=unit, progress=False)  # type: ignore[arg-type]
+        how = f"{unit} units" + (f", {quantize}" if quantize else "")
+        print(f"converting {src} -> {folder} ({how}, first run only)", flush=True)
+        pylomin.convert(src, folder, unit=unit, progress=False, quantize=quantize)  # type: ignore[arg-type]
     return folder
 
 

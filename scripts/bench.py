@@ -13,7 +13,11 @@ Models (random weights, built under `models/` on first use): the 1.6 GiB BERT at
   (in-memory speed, no reads per forward); else it keeps what fits and streams the rest with
   `drop_page_cache=True`. What it chose is printed under the contender's line;
 - pylomin's streaming modes, everything streamed (`memory_budget=0`): prefetch 2 units (the old
-  default), `prefetch=0`, and leaf units; and a fixed `memory_budget` of 50 % of the model.
+  default), `prefetch=0`, and leaf units; and a fixed `memory_budget` of 50 % of the model;
+- pylomin's default on the model converted with `--quantize int8` and `--quantize int4` (Linear /
+  GPT-2 Conv1D weights compressed; embeddings, norms and tied heads as stored): their outputs are
+  close to the fp32 model's, not equal (the "same output" column says "-"; accuracy:
+  `scripts/bench_quant.py`).
 
 Per contender: median latency (tokens/s for generate) with a warm page cache (pylomin's explicit
 modes with `drop_page_cache=False`) and a cold one (the contender's files evicted with
@@ -87,8 +91,11 @@ CONTENDERS = {
     "prefetch0": "pylomin, streaming, prefetch=0",
     "leaf": "pylomin, streaming, leaf units",
     "budget50": "pylomin, memory_budget=50 %",
+    "int8": "pylomin, int8 folder, default",
+    "int4": "pylomin, int4 folder, default",
 }
-PYLOMIN = ("default", "stream", "prefetch0", "leaf", "budget50")
+PYLOMIN = ("default", "stream", "prefetch0", "leaf", "budget50", "int8", "int4")
+QUANTIZED = ("int8", "int4")  # converted with --quantize: outputs close to, not equal to, the fp32 model's
 
 
 @dataclass
@@ -118,6 +125,12 @@ class Case:
             "src": str(self.src),
             "block": str(self.block),
             "leaf": str(self.leaf),
+            **{
+                scheme: str(
+                    ensure_converted(self.src, self.block.with_name(f"{self.block.name}-{scheme}"), quantize=scheme)
+                )
+                for scheme in QUANTIZED
+            },
             "batch": self.batch,
             "seq": PROMPT_TOKENS if self.generate else SEQ,
             "new_tokens": NEW_TOKENS,
@@ -137,7 +150,7 @@ def contender_files(spec: dict[str, Any], contender: str, offload: Path) -> list
     if contender in ("memory", "accelerate"):
         offloaded = sorted(p for p in offload.rglob("*") if p.is_file())
         return sorted(Path(spec["src"]).glob("*.safetensors")) + offloaded
-    return unit_files(Path(spec["leaf" if contender == "leaf" else "block"]))
+    return unit_files(Path(spec[contender if contender in ("leaf", *QUANTIZED) else "block"]))
 
 
 def load_accelerate(cls: Any, src: Path, offload: Path, api: str) -> tuple[Any, str]:
@@ -241,8 +254,8 @@ def load(job: Job, drop: bool) -> tuple[Any, str]:
         return job.cls.from_pretrained(src, dtype=torch.float32).eval(), ""
     if job.contender == "accelerate":
         return load_accelerate(job.cls, src, job.offload, job.spec["accelerate_api"])
-    folder = job.spec["leaf" if job.contender == "leaf" else "block"]
-    if job.contender == "default":
+    folder = job.spec[job.contender if job.contender in ("leaf", *QUANTIZED) else "block"]
+    if job.contender in ("default", *QUANTIZED):
         return pylomin.load_streaming(folder, job.cls), ""
     model = pylomin.load_streaming(
         folder,
@@ -586,7 +599,7 @@ def run_case(
                 rows[key]["cap"] = min_cap(spec, key, rows[key], work, args.cap_steps)
     same: dict[str, bool | None] = {}
     for key, r in rows.items():
-        if "memory" not in rows or key == "memory":
+        if "memory" not in rows or key == "memory" or key in QUANTIZED:
             same[key] = None
         elif case.generate:
             n = min(len(r["output"]), len(rows["memory"]["output"]))  # fewer tokens where timed on fewer

@@ -115,7 +115,10 @@ CONTENDERS = {
     "accelerate": "accelerate disk offload",
     "pylomin": "pylomin load_streaming, no options",
     "least": "pylomin least memory: leaf units, memory_budget=0, prefetch=0",
+    "int8": "pylomin load_streaming of an int8 folder (--quantize int8), no options",
+    "int4": "pylomin load_streaming of an int4 folder (--quantize int4, groups of 64), no options",
 }
+QUANTIZED = ("int8", "int4")  # their tokens differ from the fp32 model's by design (accuracy: bench_quant.py)
 
 
 # --- the model ----------------------------------------------------------------------------------------
@@ -178,6 +181,8 @@ def load(contender: str, spec: dict[str, Any], offload: Path, notes: list[str]) 
         return model
     if contender == "pylomin":
         return pylomin.load_streaming(spec["block"], cls)
+    if contender in QUANTIZED:
+        return pylomin.load_streaming(spec[contender], cls)
     return pylomin.load_streaming(spec["leaf"], cls, memory_budget=0, prefetch=0)
 
 
@@ -468,6 +473,8 @@ def main() -> int:
         leaf = ensure_converted(src, MODELS / f"{name}-pylomin-leaf", "leaf")
     model_bytes = manifest.read(block).nbytes
     spec = {"src": str(src), "block": str(block), "leaf": str(leaf), "vocab": config["vocab_size"]}
+    for scheme in set(QUANTIZED) & set(contenders):
+        spec[scheme] = str(ensure_converted(src, MODELS / f"{name}-pylomin-{scheme}", quantize=scheme))
     if bert:
         spec.update(kind="bert", cls=CLASSES["bert"])
     # What one pass must read when nothing of it is resident: the whole model, or for BERT the whole
@@ -535,7 +542,11 @@ def main() -> int:
                     print(f"    {r['resident_bytes'] / MIB:.0f} MiB resident; {r['memory_note']}", flush=True)
     rows.sort(key=lambda r: (r["limit"], contenders.index(r["contender"])))
     ref = next((r["tokens"] for r in rows if r["contender"] == "memory" and "tokens" in r), None)
-    differ = [f"{r['contender']} at {where(r)}" for r in rows if ref and "tokens" in r and r["tokens"] != ref]
+    differ = [
+        f"{r['contender']} at {where(r)}"
+        for r in rows
+        if ref and "tokens" in r and r["tokens"] != ref and r["contender"] not in QUANTIZED
+    ]
     print()
     print(table(rows, model_bytes, decode=not bert))
     unit, rate = ("forward", "forwards/s") if bert else ("token", "tok/s")
@@ -567,6 +578,13 @@ def main() -> int:
             if ref
             else "no in-memory run finished: tokens not compared"
         )
+        agree = [
+            f"{r['contender']} at {where(r)} {sum(a == b for a, b in zip(r['tokens'], ref, strict=True))}/{len(ref)}"
+            for r in rows
+            if ref and "tokens" in r and r["contender"] in QUANTIZED
+        ]
+        if agree:
+            outputs += "\nquantized models' greedy tokens equal to the in-memory fp32 model's: " + ", ".join(agree)
     print(
         f"\nlimit: % of the model's {model_bytes / MIB:.0f} MiB + the {extra / MIB:.0f} MiB allowance"
         + (", or absolute (abs: the allowance not added; ref: plain transformers under 8 GiB)" if absolute else "")

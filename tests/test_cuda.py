@@ -35,3 +35,21 @@ def test_cuda_budget_keeps_units_on_the_device(hf_dir, converted) -> None:
     x = models.ids().cuda()
     with torch.no_grad():
         assert torch.equal(model(x).logits, ref(x).logits)
+
+
+def test_cuda_int8_equals_the_quantized_model_in_memory_and_int4_is_refused(tmp_path) -> None:
+    from tests.test_quant import llama
+
+    llama().save_pretrained(tmp_path / "src")
+    folder = pylomin.convert(tmp_path / "src", tmp_path / "int8", quantize="int8", progress=False)
+    ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "src").eval()
+    pylomin.quantize_(ref, "int8")
+    ref = ref.cuda()
+    model = pylomin.load_streaming(folder, transformers.LlamaForCausalLM, device="cuda")
+    for seq in (1, 20):
+        x = models.ids(1, seq).cuda() % 512
+        with torch.no_grad():
+            assert torch.equal(model(x).logits, ref(x).logits)
+    int4 = pylomin.convert(tmp_path / "src", tmp_path / "int4", quantize="int4", progress=False)
+    with pytest.raises(pylomin.PylominError, match="layout of torch's CPU kernel"):
+        pylomin.load_streaming(int4, transformers.LlamaForCausalLM, device="cuda")

@@ -1,0 +1,320 @@
+"""Compressed units: int8 / int4 Linear layers converted, recorded, streamed, and refused when they cannot run."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+
+import pylomin
+from pylomin import cli, quant
+from pylomin import manifest as fmt
+from pylomin.errors import PylominError
+from pylomin.quant import Scheme
+
+VOCAB = 512
+
+
+def llama(*, tied: bool = False, intermediate: int = 256) -> transformers.LlamaForCausalLM:
+    """Linear layers large enough to be quantized (128 x 256), an untied head unless `tied`."""
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=128,
+        intermediate_size=intermediate,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def gpt2() -> transformers.GPT2LMHeadModel:
+    """transformers' Conv1D layers (weight [in, out]) and a head tied to the embeddings."""
+    cfg = transformers.GPT2Config(n_embd=128, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def bert() -> transformers.BertModel:
+    """Linear layers with biases."""
+    cfg = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256
+    )
+    torch.manual_seed(0)
+    return transformers.BertModel(cfg).eval()
+
+
+def ids(seq: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (1, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def output(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(x)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """name -> a saved Hugging Face folder of that model (saved once)."""
+    made: dict[str, Path] = {}
+    builders: dict[str, Callable[[], torch.nn.Module]] = {
+        "llama": llama,
+        "bert": bert,
+        "gpt2": gpt2,
+        "tied": lambda: llama(tied=True),
+        "odd": lambda: llama(intermediate=200),
+    }
+
+    def make(name: str) -> Path:
+        if name not in made:
+            made[name] = tmp_path_factory.mktemp(f"src-{name}")
+            builders[name]().save_pretrained(made[name])  # type: ignore[operator]
+        return made[name]
+
+    return make
+
+
+# Prompt lengths on both sides of PROMPT_ROWS: the kernel path (decode) and the dequantized one.
+@pytest.mark.parametrize("spec", ["int8", "int4", "int4-g32", "int4-g128"])
+@pytest.mark.parametrize(
+    ("name", "cls", "layer"),
+    [
+        ("llama", transformers.LlamaForCausalLM, "model.layers.0.mlp.up_proj"),
+        ("bert", transformers.BertModel, "encoder.layer.0.intermediate.dense"),  # biases
+        ("gpt2", transformers.GPT2LMHeadModel, "transformer.h.0.mlp.c_fc"),  # Conv1D, weight [in, out]
+    ],
+)
+def test_a_streamed_quantized_folder_equals_the_quantized_model_in_memory(
+    saved: Callable[[str], Path], tmp_path: Path, spec: str, name: str, cls: type, layer: str
+) -> None:
+    folder = pylomin.convert(saved(name), tmp_path / "out", quantize=spec, progress=False)
+    ref = cls.from_pretrained(saved(name)).eval()
+    full = output(ref, ids(20))
+    skipped = pylomin.quantize_(ref, spec)
+    assert set(skipped) == set(fmt.read(folder).quantization.skipped)  # type: ignore[union-attr]
+    for budget in ("auto", 0):
+        model = pylomin.load_streaming(folder, cls, memory_budget=budget)
+        assert isinstance(model.get_submodule(layer), quant.QuantLinear)
+        for seq in (1, 5, quant.PROMPT_ROWS, 20):
+            assert torch.equal(output(model, ids(seq)), output(ref, ids(seq))), (budget, seq)
+        pylomin.unload_(model)
+    # Not bit-identity against the unquantized model: close, as the scheme allows.
+    error = ((output(ref, ids(20)) - full).norm() / full.norm()).item()
+    assert error < (0.05 if spec == "int8" else 0.4), error
+
+
+def test_the_manifest_records_each_layer_and_the_files_hold_payload_and_scales(
+    saved: Callable[[str], Path], tmp_path: Path
+) -> None:
+    plain = pylomin.convert(saved("llama"), tmp_path / "plain", progress=False)
+    folder = pylomin.convert(saved("llama"), tmp_path / "int4", quantize="int4", group_size=32, progress=False)
+    m, p = fmt.read(folder), fmt.read(plain)
+    q = m.quantization
+    assert q is not None and q.scheme == Scheme("int4", 32) and q.pack == quant.pack_digest()
+    assert q.skipped == {"lm_head": "the LM head (quantize it with --quantize-head / head=True)"}
+    assert len(q.modules) == 2 * 7  # q, k, v, o, gate, up, down per layer
+    assert q.modules["model.layers.1.mlp.down_proj"] == {"in_features": 256, "out_features": 128, "dtype": "float32"}
+    index = m.tensor_index()
+    _, payload = index["model.layers.1.mlp.down_proj.weight"]
+    _, scales = index["model.layers.1.mlp.down_proj.scales"]
+    assert (payload.dtype, payload.shape) == ("U8", (128, 128))
+    assert (scales.dtype, scales.shape) == ("BF16", (256 // 32, 128, 2))
+    # Embeddings, norms and the head are as stored.
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        assert index[name][1].dtype == "F32" and index[name][1].shape == p.tensor_index()[name][1].shape
+    # Unit files stay plain safetensors: any reader opens them.
+    unit, _ = index["model.layers.1.mlp.down_proj.weight"]
+    with safe_open(folder / unit.file, "pt") as f:
+        assert f.get_tensor("model.layers.1.mlp.down_proj.weight").dtype == torch.uint8
+    linear = sum(i.length for n, (_, i) in p.tensor_index().items() if n.rsplit(".", 1)[0] in q.modules)
+    packed = sum(i.length for n, (_, i) in index.items() if n.rsplit(".", 1)[0] in q.modules)
+    assert packed / linear < 0.17  # 4 bits of 32, and the scales
+
+
+def test_the_lm_head_is_quantized_when_asked_and_a_tied_one_never(saved: Callable[[str], Path], tmp_path: Path) -> None:
+    folder = pylomin.convert(saved("llama"), tmp_path / "head", quantize="int8", quantize_head=True, progress=False)
+    assert "lm_head" in fmt.read(folder).quantization.modules  # type: ignore[union-attr]
+    ref = transformers.LlamaForCausalLM.from_pretrained(saved("llama")).eval()
+    pylomin.quantize_(ref, "int8", head=True)
+    model = pylomin.load_streaming(folder, transformers.LlamaForCausalLM)
+    assert torch.equal(output(model, ids(3)), output(ref, ids(3)))
+
+    tied = pylomin.convert(saved("tied"), tmp_path / "tied", quantize="int8", quantize_head=True, progress=False)
+    q = fmt.read(tied).quantization
+    assert q is not None and q.skipped["lm_head"] == "tied to another parameter"
+    model = pylomin.load_streaming(tied, transformers.LlamaForCausalLM)
+    assert type(model.lm_head) is torch.nn.Linear
+    ref = transformers.LlamaForCausalLM.from_pretrained(saved("tied")).eval()
+    assert pylomin.quantize_(ref, "int8", head=True)["lm_head"] == "tied to another parameter"
+    assert torch.equal(output(model, ids(3)), output(ref, ids(3)))
+
+
+def test_layers_the_kernels_cannot_run_are_skipped_and_named(
+    saved: Callable[[str], Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # intermediate 200: down_proj reads 200 inputs (not a multiple of 32), gate/up write 200 outputs.
+    with caplog.at_level(logging.WARNING, logger="pylomin.compress"):
+        folder = pylomin.convert(saved("odd"), tmp_path / "int4", quantize="int4", group_size=32, progress=False)
+    q = fmt.read(folder).quantization
+    assert q is not None
+    assert q.skipped["model.layers.0.mlp.down_proj"] == "in_features 200 is not a multiple of the group size 32"
+    assert q.skipped["model.layers.0.mlp.up_proj"] == "out_features 200 is not a multiple of 16"
+    assert "model.layers.0.self_attn.q_proj" in q.modules
+    assert "model.layers.0.mlp.down_proj (in_features 200 is not a multiple of the group size 32)" in caplog.text
+    ref = transformers.LlamaForCausalLM.from_pretrained(saved("odd")).eval()
+    pylomin.quantize_(ref, "int4-g32")
+    model = pylomin.load_streaming(folder, transformers.LlamaForCausalLM)
+    assert isinstance(model.model.layers[0].mlp.down_proj, torch.nn.Linear)
+    assert torch.equal(output(model, ids(4)), output(ref, ids(4)))
+
+
+@pytest.mark.parametrize(
+    ("shape", "scheme", "reason"),
+    [
+        ((64, 256), Scheme("int8"), None),
+        ((64, 100), Scheme("int8"), "in_features 100 is not a multiple of 32"),
+        ((8, 64), Scheme("int8"), "small (8x64 < 4096 weights)"),
+        ((256,), Scheme("int8"), "1-D weight"),
+        ((72, 256), Scheme("int4", 64), "out_features 72 is not a multiple of 16"),
+        ((64, 96), Scheme("int4", 64), "in_features 96 is not a multiple of the group size 64"),
+        ((64, 192), Scheme("int4", 64), None),
+    ],
+)
+def test_skip_reason(shape: tuple[int, ...], scheme: Scheme, reason: str | None) -> None:
+    assert quant.skip_reason(shape, scheme) == reason
+
+
+@pytest.mark.parametrize(
+    ("spec", "group", "want"),
+    [
+        ("int8", None, Scheme("int8")),
+        ("INT4", None, Scheme("int4", 64)),
+        ("int4", 128, Scheme("int4", 128)),
+        ("int4-g32", None, Scheme("int4", 32)),
+    ],
+)
+def test_scheme_parse(spec: str, group: int | None, want: Scheme) -> None:
+    assert Scheme.parse(spec, group) == want
+    assert Scheme.parse(str(want)) == want
+
+
+@pytest.mark.parametrize(
+    ("spec", "group", "message"),
+    [
+        ("int2", None, "pylomin quantizes to 'int8' or 'int4'"),
+        ("int4-g48", None, "int4 groups are 32, 64, 128 inputs wide"),
+        ("int4", 16, "int4 groups are 32, 64, 128 inputs wide"),
+        ("int8", 64, "int8 has one scale per output channel"),
+        ("int4-g32", 64, "give the group size once"),
+    ],
+)
+def test_scheme_parse_refuses(spec: str, group: int | None, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Scheme.parse(spec, group)
+
+
+def test_a_scale_dtype_survives_a_dtype_cast_at_load(saved: Callable[[str], Path], tmp_path: Path) -> None:
+    folder = pylomin.convert(saved("bert"), tmp_path / "out", quantize="int8", progress=False)
+    model = pylomin.load_streaming(folder, transformers.BertModel, dtype="float16", memory_budget=0)
+    ref = transformers.BertModel.from_pretrained(saved("bert")).eval()
+    pylomin.quantize_(ref, "int8")
+    ref = ref.to(torch.float16)
+    layer = model.encoder.layer[0].intermediate.dense
+    assert isinstance(layer, quant.Int8Linear)
+    out = output(model, ids(3))
+    assert out.dtype == torch.float16 and torch.equal(out, output(ref, ids(3)))
+    assert layer.bias is not None and layer.bias.dtype == torch.float16
+
+
+def test_int4_packed_by_another_machine_is_refused(saved: Callable[[str], Path], tmp_path: Path) -> None:
+    folder = pylomin.convert(saved("llama"), tmp_path / "out", quantize="int4", progress=False)
+    doc = json.loads((folder / fmt.MANIFEST_NAME).read_text())
+    doc["quantization"]["pack"] = "crc32:00000000"
+    (folder / fmt.MANIFEST_NAME).write_text(json.dumps(doc))
+    with pytest.raises(PylominError, match=r"packed for another CPU or torch .* Convert the model again"):
+        pylomin.load_streaming(folder, transformers.LlamaForCausalLM)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda q: q.update(scheme="int3"), "unknown quantization scheme 'int3'"),
+        (lambda q: q.update(group_size=48), "unknown quantization scheme 'int4' .group size 48"),
+        (lambda q: q["modules"].update({"model.layers.0.mlp.up_proj": {}}), "needs integer `in_features`"),
+        (lambda q: q["modules"].update({"model.nowhere": {"in_features": 1, "out_features": 1}}), "has no stored"),
+    ],
+)
+def test_a_malformed_quantization_record_is_refused(
+    saved: Callable[[str], Path], tmp_path: Path, edit: Callable[[dict], None], message: str
+) -> None:
+    folder = pylomin.convert(saved("llama"), tmp_path / "out", quantize="int4", progress=False)
+    doc = json.loads((folder / fmt.MANIFEST_NAME).read_text())
+    edit(doc["quantization"])
+    (folder / fmt.MANIFEST_NAME).write_text(json.dumps(doc))
+    with pytest.raises(PylominError, match=message):
+        pylomin.load_streaming(folder, transformers.LlamaForCausalLM)
+
+
+def test_a_quantized_layer_the_model_lacks_is_refused(saved: Callable[[str], Path], tmp_path: Path) -> None:
+    folder = pylomin.convert(saved("llama"), tmp_path / "out", quantize="int8", progress=False)
+    # The same tensors, but a model whose MLPs are 200 wide: the record no longer matches.
+    doc = json.loads((folder / fmt.MANIFEST_NAME).read_text())
+    doc["quantization"]["modules"]["model.layers.0.mlp.up_proj"]["out_features"] = 200
+    (folder / fmt.MANIFEST_NAME).write_text(json.dumps(doc))
+    with pytest.raises(PylominError, match=r"holds `model.layers.0.mlp.up_proj` quantized as a 200x128 Linear"):
+        pylomin.load_streaming(folder, transformers.LlamaForCausalLM)
+
+
+def test_quantize_at_load_must_match_the_folder(saved: Callable[[str], Path], tmp_path: Path) -> None:
+    int8 = pylomin.convert(saved("llama"), tmp_path / "int8", quantize="int8", progress=False)
+    plain = pylomin.convert(saved("llama"), tmp_path / "plain", progress=False)
+    assert isinstance(pylomin.load_streaming(int8, transformers.LlamaForCausalLM, quantize="int8"), torch.nn.Module)
+    with pytest.raises(ValueError, match=r"holds int8 weights; a converted folder is loaded as it is"):
+        pylomin.load_streaming(int8, transformers.LlamaForCausalLM, quantize="int4")
+    with pytest.raises(ValueError, match=r"holds unquantized weights"):
+        pylomin.load_streaming(plain, transformers.LlamaForCausalLM, quantize="int8")
+
+
+def test_quantizing_a_bare_state_dict_says_what_it_needs(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"fc.weight": torch.randn(64, 64)}, tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match=r"quantizing needs the model's Linear layers: .* no config.json"):
+        pylomin.convert(tmp_path / "m.safetensors", tmp_path / "out", quantize="int8", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_lazy_loading_spills_quantized_units() -> None:
+    model = llama()
+    ref = copy.deepcopy(model)
+    pylomin.quantize_(ref, "int8")
+    lazy = pylomin.lazy_loading(model, target_classes=[torch.nn.Linear], quantize="int8")
+    assert isinstance(lazy.model.layers[0].mlp.up_proj, quant.Int8Linear)
+    for seq in (1, 20):
+        assert torch.equal(output(lazy, ids(seq)), output(ref, ids(seq)))
+    stream = pylomin.streaming.stream_of(lazy)
+    stored = {i.dtype for u in stream.store.manifest.units for i in u.tensors.values()}
+    assert stored == {"I8", "BF16", "F32"}  # payloads, scales, the head
+    pylomin.unload_(lazy)
+    assert torch.equal(output(lazy, ids(3)), output(ref, ids(3)))
+
+
+def test_cli_convert_quantized(saved: Callable[[str], Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    assert (
+        cli.convert_main([str(saved("llama")), str(out), "--quantize", "int4", "--group-size", "128", "--quiet"]) == 0
+    )
+    assert fmt.read(out).quantization.scheme == Scheme("int4", 128)  # type: ignore[union-attr]
+    assert cli.convert_main([str(saved("llama")), str(tmp_path / "x"), "--group-size", "128"]) == 2
+    assert "group_size and quantize_head go with quantize=" in capsys.readouterr().err
