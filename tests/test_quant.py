@@ -106,7 +106,7 @@ def test_a_streamed_quantized_folder_equals_the_quantized_model_in_memory(
     for budget in ("auto", 0):
         model = pylomin.load_streaming(folder, cls, memory_budget=budget)
         assert isinstance(model.get_submodule(layer), quant.QuantLinear)
-        for seq in (1, 5, quant.PROMPT_ROWS, 20):
+        for seq in (1, 5, quant.PROMPT_ROWS - 1, quant.PROMPT_ROWS, 40):
             assert torch.equal(output(model, ids(seq)), output(ref, ids(seq))), (budget, seq)
         pylomin.unload_(model)
     # Not bit-identity against the unquantized model: close, as the scheme allows.
