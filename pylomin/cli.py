@@ -82,6 +82,11 @@ def _info(args: argparse.Namespace) -> int:
     )
     for alias, target in m.aliases.items():
         print(f"alias {alias} -> {target}")
+    if m.quantization is not None:
+        q = m.quantization
+        print(f"quantized {q.scheme}: {len(q.modules)} Linear layers; {len(q.skipped)} kept as stored")
+        for name, why in q.skipped.items():
+            print(f"  kept {name}: {why}")
     return 0
 
 

@@ -73,6 +73,10 @@ def quantize_checkpoint(
             len(skipped),
             "; ".join(f"{n} ({r})" for n, r in list(skipped.items())[:20]) + (" ..." if len(skipped) > 20 else ""),
         )
+    if not record.modules:
+        logger.warning(
+            "no Linear layer of `%s` can be quantized to %s: the folder holds the weights as stored", src, scheme
+        )
     logger.info("quantizing %d Linear layers to %s", len(record.modules), scheme)
     tensors = [x for t in ckpt.tensors for x in replaced.get(t.name, [t])]
     return Checkpoint(tensors, dict(ckpt.aliases), ckpt.weight_files, ckpt.extra_files), record

@@ -23,11 +23,12 @@ GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 64
 # Smaller weights are left as they are: a kernel call for a few KiB saves nothing worth its error.
 MIN_WEIGHT_NUMEL = 4096
-# From this many rows of activations (a prompt) the int8 weight is dequantized to bf16 and run by
-# bf16 F.linear: the int8 kernel's time grows with the rows, the dequantization's does not. Measured
-# here on 2816x1024: 16 rows 0.60 ms (int8) vs 0.94 (dequantized), 32 rows 1.19 vs 1.02, 128 rows
-# 4.83 vs 1.23 (fp32 F.linear: 0.81, 1.10, 2.75).
-PROMPT_ROWS = 32
+# From this many rows of activations (a prompt) the int8 weight is cast to bf16 and run by bf16
+# F.linear: the int8 kernel's time grows with the rows, the cast's does not. Measured here on the
+# benchmarks' 1.4 GiB Llama quantized in memory, one forward of 32 / 64 / 96 / 128 tokens: kernel
+# 0.22 / 0.40 / 0.55 / 0.71 s, cast 0.35 / 0.42 / 0.45 / 0.54 s (fp32: 0.45 s at 128). (A lone
+# 2816x1024 product crosses over at 32 rows, its weight hot in cache; in a model it comes from RAM.)
+PROMPT_ROWS = 64
 # torch's kernels take bf16 activations and bf16 scales on the CPU.
 KERNEL_DTYPE = torch.bfloat16
 
@@ -221,10 +222,11 @@ class Int8Linear(QuantLinear):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and x.shape[0] < PROMPT_ROWS:
             return torch.ops.aten._weight_int8pack_mm(x.to(KERNEL_DTYPE).contiguous(), self.weight, self.scales)
-        # Prompts on the CPU, and CUDA: the weight dequantized, in bf16 on the CPU.
+        # Prompts on the CPU, and CUDA: the int8 values cast (bf16 on the CPU) and the scales applied
+        # to the output, [rows, out], not to the weight, [out, in]: one pass over the weight fewer,
+        # and the weight's passes are what a prompt's time goes to here (memory-bound).
         dtype = KERNEL_DTYPE if x.device.type == "cpu" else x.dtype
-        w = self.weight.to(dtype) * self.scales.to(dtype)[:, None]
-        return F.linear(x.to(dtype), w)
+        return F.linear(x.to(dtype), self.weight.to(dtype)).float() * self.scales.float()  # scaled in fp32
 
 
 class Int4Linear(QuantLinear):

@@ -181,7 +181,7 @@ def load(contender: str, spec: dict[str, Any], offload: Path, notes: list[str]) 
         return model
     if contender == "pylomin":
         return pylomin.load_streaming(spec["block"], cls)
-    if contender in QUANTIZED:
+    if contender in QUANTIZED or contender.endswith("+head"):  # (+head: bench_quant.py's folders)
         return pylomin.load_streaming(spec[contender], cls)
     return pylomin.load_streaming(spec["leaf"], cls, memory_budget=0, prefetch=0)
 
@@ -395,10 +395,11 @@ def chart(dump: dict[str, Any], path: Path) -> None:
         fontsize=9,
     )
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
     fig.tight_layout()
+    # Below the axes and their label: never over a line.
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -3,14 +3,15 @@
 Model: the Llama-shaped decoder of `scripts/bench_ladder.py` (`models/llama-1.5g-random`: hidden
 1024, intermediate 2816, 24 layers, vocab 32000, untied head; ~1.5 GB fp32, random weights),
 converted into block units as fp32 (shared with the ladder), int8 and int4 (groups of 64): embeddings,
-norms and the LM head stay fp32 in both.
+norms and the LM head stay fp32 in both; and `+head`: the LM head quantized too (`--quantize-head`).
 
 Rows, each in a fresh child process:
 
 - `memory fp32`: `LlamaForCausalLM.from_pretrained` (plain transformers): the reference;
 - `memory int8` / `memory int4`: the same model quantized in memory with `pylomin.quantize_`
   (the kernels without streaming);
-- `pylomin fp32` / `int8` / `int4`: `pylomin.load_streaming(folder, LlamaForCausalLM)`, no options.
+- `pylomin fp32` / `int8` / `int4` / `int8+head` / `int4+head`: `pylomin.load_streaming(folder,
+  LlamaForCausalLM)`, no options.
 
 Warm: after a first greedy `generate()` (everything read once), a greedy `generate()` of 32 new tokens
 from a 16-token prompt: decode tokens/s = the 31 tokens after the first over their time. The same
@@ -57,7 +58,7 @@ SEQ = 128
 PROMPT = 16
 NEW = 32
 AGREE = 64
-SCHEMES = ("fp32", "int8", "int4")
+SCHEMES = ("fp32", "int8", "int4", "int8+head", "int4+head")  # +head: --quantize-head too
 ROWS = [
     ("memory", "fp32"),
     ("memory", "int8"),
@@ -65,6 +66,8 @@ ROWS = [
     ("pylomin", "fp32"),
     ("pylomin", "int8"),
     ("pylomin", "int4"),
+    ("pylomin", "int8+head"),
+    ("pylomin", "int4+head"),
 ]
 
 
@@ -94,7 +97,7 @@ def child(how: str, scheme: str, mode: str, spec: dict[str, Any], out: Path) -> 
         if how == "memory":
             model = cls.from_pretrained(spec["src"], dtype=torch.float32).eval()
             if scheme != "fp32":
-                pylomin.quantize_(model, scheme)
+                pylomin.quantize_(model, scheme.removesuffix("+head"), head=scheme.endswith("+head"))
         elif mode == "cold":
             model = pylomin.load_streaming(spec[scheme], cls, memory_budget=0)
         else:
@@ -149,8 +152,15 @@ def main() -> int:
     src = ladder.ensure_llama(config, name)
     spec: dict[str, Any] = {"src": str(src), "vocab": config["vocab_size"]}
     spec["fp32"] = spec["block"] = str(ladder.ensure_converted(src, MODELS / f"{name}-pylomin"))
-    for scheme in ("int8", "int4"):
-        spec[scheme] = str(ladder.ensure_converted(src, MODELS / f"{name}-pylomin-{scheme}", quantize=scheme))
+    for scheme in SCHEMES[1:]:
+        q, head = scheme.removesuffix("+head"), scheme.endswith("+head")
+        folder = MODELS / f"{name}-pylomin-{q}{'-head' if head else ''}"
+        if head and not (folder / "pylomin.json").is_file():
+            import pylomin
+
+            print(f"converting {src} -> {folder} ({q}, LM head too, first run only)", flush=True)
+            pylomin.convert(src, folder, quantize=q, quantize_head=True, progress=False)
+        spec[scheme] = str(ladder.ensure_converted(src, folder, quantize=q))
     sizes = {s: manifest.read(spec[s]).nbytes for s in SCHEMES}
     print(
         f"\n### {name}: " + ", ".join(f"{s} {sizes[s] / MIB:.0f} MiB" for s in SCHEMES) + f"; {os.cpu_count()} CPUs\n"
@@ -178,7 +188,7 @@ def main() -> int:
         if not args.no_limit and why is None:
             extra, _ = ladder.allowance(ladder.BASELINE_TIMEOUT)
             limit = extra + sizes["fp32"] * 25 // 100
-            for key in ("pylomin", "int8", "int4"):
+            for key in ("pylomin", *SCHEMES[1:]):
                 r = ladder.capped(key, spec, work, limit, 600.0)
                 r.update(scheme="fp32" if key == "pylomin" else key, limit=limit, allowance=extra)
                 limited.append(r)

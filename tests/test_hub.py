@@ -161,3 +161,32 @@ def test_two_processes_convert_the_same_model_at_once(env: dict[str, str], tmp_p
     import pylomin
 
     pylomin.verify(base / folder_name("BertModel"))
+
+
+def test_a_repo_id_quantized_at_load_is_cached_by_scheme(env: dict[str, str], tmp_path: Path) -> None:
+    from tests.test_quant import llama
+
+    llama().save_pretrained(tmp_path / "llama-src")
+    hf_cache(Path(env["HF_HUB_CACHE"]), "org/llama", tmp_path / "llama-src")
+    code = """
+        import torch, transformers, pylomin
+        from tests.test_quant import ids, llama
+        model = pylomin.load_streaming("org/llama", transformers.LlamaForCausalLM, quantize="int8")
+        ref = llama()  # the model the repo was saved from, built again with the same seed
+        pylomin.quantize_(ref, "int8")
+        with torch.no_grad():
+            print("EQUAL", torch.equal(model(ids(5)).logits, ref(ids(5)).logits))
+        print("LAYER", type(model.model.layers[0].mlp.up_proj).__name__)
+        plain = pylomin.load_streaming("org/llama", transformers.LlamaForCausalLM)
+        print("PLAIN", type(plain.model.layers[0].mlp.up_proj).__name__)
+    """
+    res = run(code, env)
+    assert res.returncode == 0, res.stderr
+    assert "EQUAL True" in res.stdout and "LAYER Int8Linear" in res.stdout and "PLAIN Linear" in res.stdout
+    base = tmp_path / "pl-cache" / "org--llama"
+    assert fmt_of(base / f"{folder_name('LlamaForCausalLM')}.int8")["quantization"]["scheme"] == "int8"
+    assert fmt_of(base / folder_name("LlamaForCausalLM"))["quantization"] is None
+
+
+def fmt_of(folder: Path) -> dict:
+    return json.loads((folder / "pylomin.json").read_text())  # type: ignore[no-any-return]

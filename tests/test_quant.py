@@ -316,5 +316,10 @@ def test_cli_convert_quantized(saved: Callable[[str], Path], tmp_path: Path, cap
         cli.convert_main([str(saved("llama")), str(out), "--quantize", "int4", "--group-size", "128", "--quiet"]) == 0
     )
     assert fmt.read(out).quantization.scheme == Scheme("int4", 128)  # type: ignore[union-attr]
+    capsys.readouterr()
+    assert cli.main(["info", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert "quantized int4-g128: 14 Linear layers; 1 kept as stored" in info
+    assert "  kept lm_head: the LM head" in info
     assert cli.convert_main([str(saved("llama")), str(tmp_path / "x"), "--group-size", "128"]) == 2
     assert "group_size and quantize_head go with quantize=" in capsys.readouterr().err
