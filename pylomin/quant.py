@@ -8,7 +8,6 @@ payload and its scales, mapped and paged like any other parameters.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -401,8 +400,3 @@ def _try_kernel(scheme: Scheme) -> str | None:
     error = ((y - reference).norm() / reference.norm()).item()
     bound = 0.02 if scheme.name == "int8" else 0.2
     return None if error < bound else f"its kernel is off by {error:.3f} (relative) on a test product"
-
-
-def names_of(modules: Iterable[str]) -> set[str]:
-    """The stored tensor names of quantized modules: payload and scales."""
-    return {f"{m}.{attr}" for m in modules for attr in QuantLinear.exact_dtype}
