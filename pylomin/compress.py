@@ -24,7 +24,7 @@ def quantize_checkpoint(
     """`ckpt` with the weights of `model`'s quantizable Linear layers replaced by payload and scales.
 
     Each weight is read and quantized when its unit is written, one layer at a time: memory is
-    bounded by about twice the largest Linear weight, never the model.
+    bounded by about 1.5x (int8) to 2.5x (int4) the largest Linear weight, never the model.
     """
     if model is None:
         raise ValueError(

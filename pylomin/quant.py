@@ -133,18 +133,24 @@ def quantize_weight(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torc
     """`w` [out, in] -> (payload, scales) as stored: int8 [out, in] and bf16 [out]; or int4 packed by torch
     (uint8 [out, in/2]) and bf16 scales and zeros [in/group, out, 2] (w ~ (q - 8) * scale + zero)."""
     n, k = w.shape
-    # Rows a block at a time: the float math never holds more than a block beside the weight.
+    int8 = scheme.name == "int8"
+    q = torch.empty((n, k), dtype=torch.int8 if int8 else torch.int32)
+    scales = torch.empty((n,) if int8 else (k // scheme.group_size, n, 2), dtype=KERNEL_DTYPE)
+    # Rows a block at a time, into the outputs: the float math never holds more than a block.
     rows = max(1, _BLOCK_ELEMENTS // max(k, 1))
-    blocks = [_quantize_rows(w[i : i + rows].detach().to(torch.float32), scheme) for i in range(0, n, rows)]
-    q = torch.cat([b[0] for b in blocks])
-    scales = torch.cat([b[1] for b in blocks], dim=0 if scheme.name == "int8" else 1)
-    if scheme.name == "int8":
+    for i in range(0, n, rows):
+        q[i : i + rows], block_scales = _quantize_rows(w[i : i + rows].detach().to(torch.float32), scheme)
+        if int8:
+            scales[i : i + rows] = block_scales
+        else:
+            scales[:, i : i + rows] = block_scales
+    if int8:
         return q, scales
     # int4: torch packs the whole [N, in] matrix at once (its layout interleaves rows).
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2), scales.contiguous()
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2), scales
 
 
-_BLOCK_ELEMENTS = 4 * 2**20
+_BLOCK_ELEMENTS = 2**20
 
 
 def _quantize_rows(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
