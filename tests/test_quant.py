@@ -323,3 +323,31 @@ def test_cli_convert_quantized(saved: Callable[[str], Path], tmp_path: Path, cap
     assert "  kept lm_head: the LM head" in info
     assert cli.convert_main([str(saved("llama")), str(tmp_path / "x"), "--group-size", "128"]) == 2
     assert "group_size and quantize_head go with quantize=" in capsys.readouterr().err
+
+
+def test_checkpoints_converted_to_their_run_time_layout_quantize_by_their_run_time_names(tmp_path: Path) -> None:
+    from tests.test_layout import mixtral
+
+    # Mixtral: experts fused into 3-D tensors (paged per expert, not quantized), attention quantized;
+    # ViT: keys renamed at conversion (`attention.attention.query` -> `attention.q_proj`).
+    vit_cfg = transformers.ViTConfig(
+        hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, image_size=32, patch_size=8
+    )
+    torch.manual_seed(0)
+    cases = [
+        (mixtral(experts=4, hidden=128, intermediate=128), transformers.MixtralForCausalLM, ids(6) % 100),
+        (transformers.ViTModel(vit_cfg).eval(), transformers.ViTModel, torch.randn(1, 3, 32, 32)),
+    ]
+    for i, (model, cls, x) in enumerate(cases):
+        model.save_pretrained(tmp_path / f"src{i}")
+        folder = pylomin.convert(tmp_path / f"src{i}", tmp_path / f"out{i}", quantize="int8", progress=False)
+        q = fmt.read(folder).quantization
+        assert q is not None and q.modules, cls
+        ref = cls.from_pretrained(tmp_path / f"src{i}").eval()
+        assert set(pylomin.quantize_(ref, "int8")) == set(q.skipped)
+        assert set(q.modules) == {n for n, m in ref.named_modules() if isinstance(m, quant.QuantLinear)}
+        streamed = pylomin.load_streaming(folder, cls, memory_budget=0)
+        with torch.no_grad():
+            a, b = streamed(x), ref(x)
+        key = "logits" if "logits" in a else "last_hidden_state"
+        assert torch.equal(a[key], b[key]), cls
