@@ -242,6 +242,11 @@ class Int4Linear(QuantLinear):
         self.scheme = Scheme("int4", group_size)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            raise PylominError(
+                f"int4 layers hold the packed layout of torch's CPU kernel, which {x.device} cannot run; "
+                "run the model on the CPU, or quantize it with int8 for a GPU"
+            )
         g = self.scheme.group_size
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(KERNEL_DTYPE).contiguous(), self.weight, g, self.scales)
 
@@ -339,8 +344,9 @@ def quantize_(model: nn.Module, quantize: str | Scheme, *, head: bool = False) -
         parent, _, attr = name.rpartition(".")
         owner = model.get_submodule(parent)
         layer = getattr(owner, attr)
-        payload, scales = quantize_weight(as_out_in(layer, layer.weight), scheme)
-        setattr(owner, attr, make_module(layer, scheme, payload, scales))
+        payload, scales = quantize_weight(as_out_in(layer, layer.weight), scheme)  # on the CPU
+        device = layer.weight.device
+        setattr(owner, attr, make_module(layer, scheme, payload.to(device), scales.to(device)))
     return skipped
 
 
