@@ -8,7 +8,7 @@ import math
 import os
 import pickle
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -60,6 +60,14 @@ class SourceTensor:
     @property
     def nbytes(self) -> int:
         return self.dtype.itemsize * math.prod(self.shape)
+
+
+def byte_range(t: SourceTensor, offset: int, length: int) -> SourceTensor:
+    """Bytes `[offset, offset + length)` of `t` (whole elements) as a flat tensor of its own."""
+    first, count = offset // t.dtype.itemsize, length // t.dtype.itemsize
+    if t.tensor is None:
+        return replace(t, shape=(count,), offset=t.offset + offset)
+    return replace(t, shape=(count,), tensor=t.tensor.reshape(-1)[first : first + count])
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import torch
 from torch import nn
 
 from pylomin import quant
-from pylomin.checkpoint import Checkpoint, SourceTensor
+from pylomin.checkpoint import Checkpoint, SourceTensor, byte_range
 from pylomin.layout import read_tensor
 from pylomin.quant import Quantization, Scheme
 
@@ -105,12 +104,5 @@ def _materialize(t: SourceTensor) -> torch.Tensor:
     if t.produce is not None:
         return t.produce()
     if t.pieces is not None:
-        return torch.cat([_byte_range(p, off, n) for p, off, n in t.pieces]).reshape(t.shape)
+        return torch.cat([read_tensor(byte_range(p, off, n)) for p, off, n in t.pieces]).reshape(t.shape)
     return read_tensor(t)
-
-
-def _byte_range(t: SourceTensor, offset: int, length: int) -> torch.Tensor:
-    first, count = offset // t.dtype.itemsize, length // t.dtype.itemsize
-    if t.tensor is not None:
-        return t.tensor.reshape(-1)[first : first + count]
-    return read_tensor(replace(t, shape=(count,), offset=t.offset + offset))

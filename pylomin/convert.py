@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from pylomin import _os, hub
 from pylomin import manifest as fmt
-from pylomin.checkpoint import Checkpoint, SourceTensor, open_checkpoint
+from pylomin.checkpoint import Checkpoint, SourceTensor, byte_range, open_checkpoint
 from pylomin.compress import quantize_checkpoint
 from pylomin.errors import PylominError
 from pylomin.layout import runtime_layout
@@ -365,7 +365,7 @@ def _chunks(t: SourceTensor, out_dtype: torch.dtype, handles: dict[Path, Any], b
         t = replace(t, tensor=t.produce(), mapped=False, produce=None)
     if t.pieces is not None:  # fused from byte ranges of other tensors (stacked experts): streamed piece by piece
         for part, offset, length in t.pieces:
-            yield from _chunks(_byte_range(part, offset, length), out_dtype, handles, buf)
+            yield from _chunks(byte_range(part, offset, length), out_dtype, handles, buf)
         return
     if t.nbytes == 0:
         return
@@ -401,14 +401,6 @@ def _chunks(t: SourceTensor, out_dtype: torch.dtype, handles: dict[Path, Any], b
         yield _as_bytes(block.contiguous(), out_dtype)
     if t.mapped:
         _os.drop_file_pages(x.data_ptr(), _span(x))
-
-
-def _byte_range(t: SourceTensor, offset: int, length: int) -> SourceTensor:
-    """Bytes `[offset, offset + length)` of `t` (whole elements) as a flat tensor of its own."""
-    first, count = offset // t.dtype.itemsize, length // t.dtype.itemsize
-    if t.tensor is None:
-        return replace(t, shape=(count,), offset=t.offset + offset)
-    return replace(t, shape=(count,), tensor=t.tensor.reshape(-1)[first : first + count])
 
 
 def _row_blocks(x: torch.Tensor, step: int) -> Iterable[torch.Tensor]:

@@ -47,7 +47,6 @@ class HookManager:
         plan: Plan,
         *,
         device: torch.device,
-        dtype: torch.dtype | None,
         copy: Copy | None = None,
         experts: dict[nn.Module, list[str]] | None = None,
     ):
@@ -57,7 +56,6 @@ class HookManager:
         self.targets = slots
         self.plan = plan
         self.device = device
-        self.dtype = dtype
         self.copy = copy  # copies streamed units to the device on the reader thread (CUDA); None: on demand
         self.experts = experts or {}  # experts module -> its fused tensors (stored names in plan.experts)
         # One group per experts module for the expert cache; an expert's size is its slice of each tensor.

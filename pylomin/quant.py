@@ -7,6 +7,7 @@ payload and its scales, mapped and paged like any other parameters.
 
 from __future__ import annotations
 
+import functools
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -273,6 +274,7 @@ def as_out_in(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     return weight if is_linear(module) else weight.t()
 
 
+@functools.cache
 def _conv1d_class() -> type | None:
     try:
         from transformers.pytorch_utils import Conv1D
@@ -350,8 +352,8 @@ def quantize_(model: nn.Module, quantize: str | Scheme, *, head: bool = False) -
     return skipped
 
 
-def swap_(model: nn.Module, quantization: Quantization, folder: object) -> list[str]:
-    """Replace the Linear layers a folder holds quantized by quantized layers on meta; returns their names."""
+def swap_(model: nn.Module, quantization: Quantization, folder: object) -> None:
+    """Replace the Linear layers a folder holds quantized by quantized layers on meta."""
     scheme = quantization.scheme
     for name, spec in quantization.modules.items():
         parent, _, attr = name.rpartition(".")
@@ -371,7 +373,6 @@ def swap_(model: nn.Module, quantization: Quantization, folder: object) -> list[
         payload = torch.empty(payload_shape, dtype=payload_dtype(scheme), device="meta")
         scales = torch.empty(scales_shape, dtype=KERNEL_DTYPE, device="meta")
         setattr(owner, attr, make_module(layer, scheme, payload, scales))
-    return list(quantization.modules)
 
 
 _CHECKED: dict[str, str | None] = {}

@@ -274,7 +274,6 @@ def attach_(
             slots,
             plan,
             device=device,
-            dtype=options.dtype,
             copy=copy,
             experts={m: names for m, (names, _) in experts.items() if all(n in plan.experts for n in names)},
         )
