@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from types import FrameType
 
 from pylomin import cache
 from pylomin import manifest as fmt
@@ -47,21 +51,46 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread: a conversion cleans up as it does on Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    # `kill`, systemd, a job scheduler or a container stop send SIGTERM, whose default ends the process
+    # at once and leaves the temporary folder (as big as the model) behind. Only the main thread can
+    # have a handler; the previous one is restored after.
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def _convert(args: argparse.Namespace) -> int:
-    out = convert(
-        args.src,
-        args.out_dir,
-        dtype=args.dtype,
-        unit=args.unit,
-        blocks_per_unit=args.blocks_per_unit,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-        revision=args.revision,
-        model_cls=args.model_cls,
-        quantize=args.quantize,
-        group_size=args.group_size,
-        quantize_head=args.quantize_head,
-    )
+    with _sigterm_raises():
+        out = convert(
+            args.src,
+            args.out_dir,
+            dtype=args.dtype,
+            unit=args.unit,
+            blocks_per_unit=args.blocks_per_unit,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+            revision=args.revision,
+            model_cls=args.model_cls,
+            quantize=args.quantize,
+            group_size=args.group_size,
+            quantize_head=args.quantize_head,
+        )
     m = fmt.read(out)
     if not args.quiet:
         print(f"{out}: {len(m.units)} units, {m.nbytes / 2**20:.1f} MiB")
@@ -170,6 +199,9 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted; nothing was left behind", file=sys.stderr)
         return 130
+    except _Terminated:
+        print(f"{parser.prog}: terminated (SIGTERM); nothing was left behind", file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 def convert_main(argv: Sequence[str] | None = None) -> int:

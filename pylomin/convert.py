@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import fcntl
 import logging
 import os
 import re
+import secrets
 import shutil
-import tempfile
+import stat
 import zlib
 from collections.abc import Iterable, Mapping, Set
 from dataclasses import replace
@@ -105,6 +108,7 @@ def convert(
         src,
         out,
         source,
+        overwrite=overwrite,
         dtype=out_dtype,
         unit=unit,
         blocks_per_unit=blocks_per_unit,
@@ -121,6 +125,7 @@ def convert_local(
     out: Path,
     source: dict[str, object],
     *,
+    overwrite: bool = False,
     dtype: torch.dtype | None = None,
     unit: Granularity = "block",
     blocks_per_unit: int = 1,
@@ -133,6 +138,11 @@ def convert_local(
     ckpt = open_checkpoint(src)
     if not ckpt.tensors:
         raise ValueError(f"`{src}` holds no tensors")
+    for name in (t.name for t in ckpt.tensors if fmt.is_padding(t.name)):
+        raise ValueError(
+            f"`{src}` holds tensor `{name}`, a name pylomin reserves for the alignment padding of unit files; "
+            "rename it (it is not a model's tensor if the file is a pylomin unit file)"
+        )
     ckpt, layout, experts, model = runtime_layout(ckpt, Path(src), model_cls)
     quantization = None
     if quantize is not None:
@@ -141,7 +151,15 @@ def convert_local(
     source = {**source, "path": str(Path(src).resolve())}
     source["files"] = [{"name": f.name, "size": f.stat().st_size} for f in ckpt.weight_files]
     return write_folder(
-        ckpt, plan, out, dtype=dtype, progress=progress, source=source, layout=layout, quantization=quantization
+        ckpt,
+        plan,
+        out,
+        dtype=dtype,
+        progress=progress,
+        source=source,
+        layout=layout,
+        quantization=quantization,
+        overwrite=overwrite,
     )
 
 
@@ -155,11 +173,19 @@ def write_folder(
     source: Mapping[str, object] | None = None,
     layout: dict[str, str] | None = None,
     quantization: Quantization | None = None,
+    overwrite: bool = False,
 ) -> fmt.Manifest:
-    """Write `ckpt` as the units of `plan` into `out`, atomically (built beside it, renamed last)."""
+    """Write `ckpt` as the units of `plan` into `out`, atomically (built beside it, renamed last).
+
+    What sits at `out` is checked again when the folder is moved into place: it replaces nothing, the
+    empty folder that was there when writing began, or (with `overwrite`) an empty folder or an earlier
+    pylomin output. Anything else is left untouched, and FileExistsError says so.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{_TMP_MARK}{os.getpid()}-", dir=out.parent))
+    _remove_stale_temps(out.parent)
+    empty_at_start = _empty_dir_id(out)
+    tmp, lock = _make_temp(out)
+    tmp_id = _dir_id(lock)
     try:
         m = _write_units(ckpt, plan, tmp, dtype, progress)
         m.source = dict(source or {})
@@ -172,17 +198,23 @@ def write_folder(
         fmt.write(m, tmp)  # last: only a complete folder has a manifest
         _fsync_dir(tmp / fmt.UNITS_DIR)
         _fsync_dir(tmp)
-        _replace(tmp, out)
+        logger.debug("moving `%s` into place as `%s`", tmp, out)
+        _move_into_place(tmp, out, empty_at_start=empty_at_start, overwrite=overwrite)
+    except FileExistsError:  # `out` changed meanwhile: refused, ours removed, theirs untouched
+        _remove_own(tmp, tmp_id)
+        raise
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_own(tmp, tmp_id)
         where = f" on `{e.filename}`" if e.filename else ""
         hint = " Is the disk full?" if e.errno in _SPACE_ERRNOS else ""
         raise OSError(
             e.errno, f"writing `{out}` failed: {e.strerror or e}{where}.{hint} Nothing was left behind."
         ) from e
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_own(tmp, tmp_id)
         raise
+    finally:
+        os.close(lock)  # after the removal: a folder is never unlocked while it is still ours to delete
     logger.info("wrote `%s`: %d units, %.1f MiB", out, len(m.units), m.nbytes / 2**20)
     return m
 
@@ -195,6 +227,8 @@ def check_out(out: Path, overwrite: bool) -> None:
 
     `overwrite` never replaces another folder (a model, a project): only one with a `pylomin.json`.
     """
+    if out.is_symlink():
+        raise FileExistsError(f"`{out}` is a symbolic link; give the folder it points to, or choose another OUT_DIR")
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
     if not out.is_dir():
@@ -290,17 +324,9 @@ def _write_units(
         bar_cls = tqdm if progress else _NoBar
         with bar_cls(total=out_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="convert") as bar:
             for i, (uname, modules) in enumerate(plan.items()):
-                tensors = by_unit[uname]
-                # Larger items first (and 64-byte multiples before odd sizes) keeps every tensor aligned.
-                order = sorted(
-                    range(len(tensors)),
-                    key=lambda k: (
-                        -_out_dtype(tensors[k], dtype).itemsize,
-                        _out_nbytes(tensors[k], dtype) % 64 != 0,
-                        k,
-                    ),
-                )
-                tensors = [tensors[k] for k in order]
+                # 64-byte multiples first: each tensor after one whose size is not a multiple of
+                # DATA_ALIGN needs a padding entry to start aligned, and the last one needs none.
+                tensors = sorted(by_unit[uname], key=lambda t: _out_nbytes(t, dtype) % fmt.DATA_ALIGN != 0)
                 rel = f"{fmt.UNITS_DIR}/{i:04d}-{_safe(uname)}.safetensors"
                 units.append(_write_unit(folder / rel, rel, uname, modules, tensors, dtype, handles, buf, bar))
     finally:
@@ -347,11 +373,16 @@ def _write_unit(
     with open(path, "wb") as out:
         out.write(header)
         crc = zlib.crc32(header, crc)
-        for t in tensors:
+        pos = len(header)
+        for t, (name, _, _, nbytes) in zip(tensors, entries, strict=True):
+            zeros = bytes(offsets[name] - pos)  # the padding entry before it, if any: < DATA_ALIGN bytes
+            out.write(zeros)
+            crc = zlib.crc32(zeros, crc)
             for piece in _chunks(t, _out_dtype(t, dtype), handles, buf):
                 out.write(piece)
                 crc = zlib.crc32(piece, crc)
                 bar.update(len(piece))
+            pos = offsets[name] + nbytes
         out.flush()
         os.fsync(out.fileno())
         size = out.tell()
@@ -451,26 +482,232 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    if not out.exists():
-        os.rename(tmp, out)
-    elif _os.exchange(tmp, out):
-        shutil.rmtree(tmp, ignore_errors=True)  # holds the old folder now
-    else:  # no atomic exchange here: a crash between the two renames leaves no OUT_DIR (never a partial one)
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}{_TMP_MARK}{os.getpid()}-old-", dir=out.parent))
-        os.rename(out, old / "x")
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+# --- Moving the finished folder into place: never over anything this conversion may not replace ---------
+
+
+def _move_into_place(tmp: Path, out: Path, *, empty_at_start: tuple[int, int] | None, overwrite: bool) -> None:
+    """Rename the finished `tmp` to `out`, deciding at the rename what may be replaced there.
+
+    `check_out` ran before the conversion, minutes or hours ago: a folder made at `out` since (by
+    hand, or by a second conversion) must not be swapped out and deleted.
+    """
+    for _ in range(3):  # `out` may come and go between our calls; each round re-reads it
+        if _rename_noreplace(tmp, out):
+            break
+        try:
+            st = os.lstat(out)
+        except FileNotFoundError:
+            continue
+        is_dir = stat.S_ISDIR(st.st_mode)
+        if is_dir and _is_empty(out) and (overwrite or (st.st_dev, st.st_ino) == empty_at_start):
+            try:  # rename(2) replaces an empty folder only: one that fills meanwhile is refused by the kernel
+                os.rename(tmp, out)
+                break
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                continue
+        if overwrite and is_dir and (out / fmt.MANIFEST_NAME).is_file():
+            _replace_output(tmp, out)
+            break
+        why = _NOT_AN_OUTPUT if overwrite else "was created while converting"
+        raise _refusal(out, why)
+    else:
+        raise _refusal(out, "kept changing while converting")
     _fsync_dir(out.parent)
 
 
-def _remove_stale_temps(out: Path) -> None:
-    # Temp folders of a converter that was killed (its pid is gone) are removed, never reused.
-    for p in out.parent.glob(f".{out.name}{_TMP_MARK}*"):
+def _replace_output(tmp: Path, out: Path) -> None:
+    """Swap the finished `tmp` with the earlier output at `out`, and delete that one if it still is one after the swap."""
+    if _os.exchange(tmp, out):
+        # What came out is checked again: a folder put at `out` between the check and the swap goes back.
+        if _replaceable(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        if not _os.exchange(tmp, out):
+            raise FileExistsError(
+                f"`{out}` was replaced while converting by a folder that is not a pylomin output; it is now at "
+                f"`{tmp}`, untouched, and the converted model at `{out}`: move them as you need"
+            )
+        raise _refusal(out, _NOT_AN_OUTPUT)
+    # No atomic exchange here: the earlier output is moved aside, checked there, and deleted once ours is
+    # in place. A crash between the two renames leaves no OUT_DIR (never a partial one) and a hidden
+    # folder that the next conversion removes.
+    aside = tmp.with_name(f"{tmp.name}-old")
+    os.rename(out, aside)
+    if not _replaceable(aside):
+        if not _rename_noreplace(aside, out):
+            raise FileExistsError(f"`{out}` changed while converting; what was there is now at `{aside}`, untouched")
+        raise _refusal(out, _NOT_AN_OUTPUT)
+    if not _rename_noreplace(tmp, out):
+        shutil.rmtree(aside, ignore_errors=True)  # an earlier output, as --overwrite asked
+        raise _refusal(out, "was created while converting")
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+_NOT_AN_OUTPUT = f"changed while converting and is not a pylomin output (it has no {fmt.MANIFEST_NAME})"
+
+
+def _refusal(out: Path, why: str) -> FileExistsError:
+    return FileExistsError(
+        f"`{out}` {why}; it was left as it is and this conversion was removed: remove `{out}` or choose another "
+        "OUT_DIR, then convert again"
+    )
+
+
+def _replaceable(path: Path) -> bool:
+    # A real folder (not a link to one) that is empty or holds a manifest: an earlier pylomin output.
+    return path.is_dir() and not path.is_symlink() and (_is_empty(path) or (path / fmt.MANIFEST_NAME).is_file())
+
+
+def _is_empty(path: Path) -> bool:
+    with os.scandir(path) as it:
+        return next(it, None) is None
+
+
+_RENAME_NOREPLACE = 1  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _rename_noreplace(src: Path, dst: Path) -> bool:
+    """Rename `src` to `dst` unless something exists at `dst`: True if renamed, False if `dst` exists.
+
+    Linux `renameat2(RENAME_NOREPLACE)` checks and renames in one step. Where the C library or the
+    file system lacks it (ENOSYS, EINVAL: glibc < 2.28, NFS, some FUSE file systems), `mkdir(dst)`
+    claims the name first, failing if anything is there, and rename(2) then replaces that folder of
+    ours, which it does only while the folder is still empty: nothing another process made at `dst`
+    is ever replaced. What the fallback shows that renameat2 does not: an empty `dst`, for the
+    instant between the two calls (or after a crash there, which a later conversion accepts).
+    """
+    fn = getattr(_os.libc, "renameat2", None)
+    if fn is not None:
+        if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            return False
+        if err not in (errno.ENOSYS, errno.EINVAL):
+            raise OSError(err, os.strerror(err), str(dst))
+    return _rename_claimed(src, dst)
+
+
+def _rename_claimed(src: Path, dst: Path) -> bool:
+    """`_rename_noreplace` without renameat2: claim `dst` with mkdir, then replace that empty folder."""
+    try:
+        os.mkdir(dst)
+    except FileExistsError:
+        return False
+    try:
+        os.rename(src, dst)
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):  # someone wrote into the folder we claimed: it is theirs now
+            return False
+        os.rmdir(dst)  # still our empty folder
+        raise
+    return True
+
+
+# --- Temporary folders: ours are locked while we live, a dead converter's are removed -------------------
+
+
+def _make_temp(out: Path) -> tuple[Path, int]:
+    """A new hidden folder beside `out`, and a descriptor of it that holds an exclusive flock while we live.
+
+    Its mode is 0777 less the umask, as `mkdir` and `cp` make folders (tempfile.mkdtemp's 0700 made every
+    output private to its user). Its name carries this process's id and start time, read by
+    `_remove_stale_temps`.
+    """
+    prefix = f".{out.name[:100]}{_TMP_MARK}{os.getpid()}-{_start_time(os.getpid()) or 0}-"
+    while True:
+        tmp = out.parent / f"{prefix}{secrets.token_hex(4)}"
         try:
-            pid = int(p.name[len(f".{out.name}{_TMP_MARK}") :].split("-")[0])
-        except ValueError:
+            os.mkdir(tmp)
+            break
+        except FileExistsError:
             continue
-        if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
+    fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:  # a file system without locks: the process id alone tells others we live
+        logger.debug("cannot lock `%s` (%s)", tmp, e.strerror)
+    return tmp, fd
+
+
+def _dir_id(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _empty_dir_id(path: Path) -> tuple[int, int] | None:
+    # The (device, inode) of `path` when it is a real, empty folder: the only such folder ours may replace.
+    try:
+        st = os.lstat(path)
+        return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) and _is_empty(path) else None
+    except OSError:
+        return None
+
+
+def _remove_own(tmp: Path, ident: tuple[int, int]) -> None:
+    # Only the folder we made, recognized by its inode: after a refused swap `tmp` could hold another.
+    try:
+        st = os.lstat(tmp)
+    except OSError:
+        return
+    if (st.st_dev, st.st_ino) == ident:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale_temps(parent: Path) -> None:
+    """Remove the temporary folders in `parent` whose converter is gone (killed: SIGKILL, a crash, a power cut).
+
+    A folder is removed when its converter's process is gone (or its id now names a process started at
+    another time: ids are reused) and no one holds its flock. The kernel drops a flock when its holder
+    dies, whatever killed it, so the lock decides across pid namespaces (containers sharing a folder) and
+    on network file systems that lock; the process check covers the instant between a folder's mkdir and
+    its lock, and file systems without locks.
+    """
+    for p in parent.glob(f".*{_TMP_MARK}*"):
+        fields = p.name.rpartition(_TMP_MARK)[2].split("-")
+        if not fields[0].isdigit():
+            continue
+        started = int(fields[1]) if len(fields) >= 3 and fields[1].isdigit() else None  # older names: no start time
+        if _alive(int(fields[0]), started):
+            continue
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its converter lives, in another pid namespace or on another machine
+            except OSError:
+                pass  # no locks on this file system: the process check decided
             logger.info("removing `%s`, left by an interrupted conversion", p)
             shutil.rmtree(p, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+def _alive(pid: int, started: int | None) -> bool:
+    """Whether process `pid` exists and, when `started` is known, is the one that started then."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # gone, or a number no process id can be
+        return False
+    except PermissionError:  # another user's process
+        pass
+    now = _start_time(pid)
+    return not started or now is None or now == started  # no start time recorded or readable: the id decides
+
+
+def _start_time(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot (`/proc/<pid>/stat` field 22); None without /proc."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat_line = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces or parentheses: split after the last.
+    return int(stat_line.rpartition(b")")[2].split()[19])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import struct
 from collections.abc import Mapping, Set
@@ -15,13 +17,22 @@ import torch
 from pylomin.errors import PylominError
 from pylomin.quant import Quantization
 
+logger = logging.getLogger(__name__)
+
 FORMAT_NAME = "pylomin"
-FORMAT_VERSION = 1
+# 2: unit files may hold padding entries between tensors, and the manifest carries a digest of itself.
+# Version 1 folders still read: they have neither (their tensors are only as aligned as their sizes).
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 MANIFEST_NAME = "pylomin.json"
 UNITS_DIR = "units"
-# Unit files start their data at a multiple of this, so tensors land 64-byte aligned like torch's
-# own allocations (and SIMD kernels take the same path as for in-memory weights).
+# Every tensor's data starts at a multiple of this in its unit file, so a mapped tensor is 64-byte
+# aligned like torch's own allocations (and SIMD kernels take the same path as for in-memory weights).
 DATA_ALIGN = 64
+# safetensors readers refuse gaps between tensors (data_offsets must be contiguous, and cover the whole
+# file), so the bytes that align the next tensor are an entry of their own: `U8 [n]` zeros under a
+# reserved name. Readers here skip these entries; the manifest never lists them.
+PADDING_PREFIX = "__pylomin_padding_"
 # A safetensors header larger than this is refused (the reference implementation uses 100 MB).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -133,7 +144,20 @@ class Manifest:
                 for u in self.units
             ],
         }
+        doc = json.loads(json.dumps(doc))  # as a reader will see it: tuples as lists, every key a string
+        doc["digest"] = digest(doc)
         return json.dumps(doc, indent=1)
+
+
+def digest(doc: Mapping[str, Any]) -> str:
+    """`sha256:` of a manifest's fields other than `digest`, as canonical JSON (sorted keys, no spaces).
+
+    Each unit's checksum covers its file and this covers the list of units: a unit removed from the
+    list along with its file, or any other edit of the manifest, no longer matches.
+    """
+    body = {k: v for k, v in doc.items() if k != "digest"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def write(manifest: Manifest, folder: str | os.PathLike[str]) -> None:
@@ -166,10 +190,10 @@ def read(folder: str | os.PathLike[str]) -> Manifest:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
         raise PylominError(f"`{path}` is not a pylomin manifest; convert the model again")
     version = doc.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version not in READ_VERSIONS:
         raise PylominError(
-            f"`{path}` has format_version {version!r}, this pylomin reads version {FORMAT_VERSION}; "
-            "convert the model again with this version (or upgrade pylomin)"
+            f"`{path}` has format_version {version!r}, this pylomin reads versions "
+            f"{', '.join(map(str, READ_VERSIONS))}; convert the model again with this version (or upgrade pylomin)"
         )
     try:
         units = [_unit_from_json(u, folder) for u in doc["units"]]
@@ -196,6 +220,37 @@ def read(folder: str | os.PathLike[str]) -> Manifest:
         if target not in stored:
             raise PylominError(f"`{path}`: alias `{alias}` points to `{target}`, which no unit stores")
     return manifest
+
+
+def check_digest(folder: str | os.PathLike[str]) -> bool:
+    """Check `folder/pylomin.json` against the digest it carries; False when it carries none (version 1).
+
+    `read` does not check it: loading needs only what the folder holds to agree with itself, which
+    the unit files' sizes and headers show. This finds what those cannot, a unit deleted by hand.
+
+    Raises:
+        PylominError: the manifest was edited after it was written.
+    """
+    path = Path(folder) / MANIFEST_NAME
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PylominError(f"`{path}` is not valid JSON ({e}); convert the model again") from None
+    if not isinstance(doc, dict):
+        raise PylominError(f"`{path}` is not a pylomin manifest; convert the model again")
+    if "digest" not in doc and doc.get("format_version") == 1:
+        logger.warning(
+            "`%s` was written by an earlier pylomin and carries no digest: a unit removed from it by hand "
+            "cannot be found; convert the model again to add one",
+            path,
+        )
+        return False
+    if doc.get("digest") != digest(doc):
+        raise PylominError(
+            f"`{path}` does not match its digest: it was edited after conversion (a unit or tensor removed or "
+            "changed by hand?), so its unit files may not be the whole model; convert the model again"
+        )
+    return True
 
 
 def _unit_from_json(u: dict[str, Any], folder: Path) -> Unit:
@@ -259,33 +314,48 @@ def resolve_inside(folder: Path, relative: str) -> Path:
 
 
 def encode_header(entries: list[tuple[str, torch.dtype, tuple[int, ...], int]]) -> tuple[bytes, dict[str, int]]:
-    """Build a safetensors header for `(name, dtype, shape, nbytes)` entries stored back to back.
+    """Build a safetensors header for `(name, dtype, shape, nbytes)` entries stored in this order.
 
-    Returns the header bytes (length prefix included, padded so data starts at a multiple of
-    DATA_ALIGN) and each tensor's absolute byte offset in the file.
+    The header is padded with spaces so data starts at a multiple of DATA_ALIGN, and a padding entry
+    follows every tensor but the last whose size is not a multiple of it, so each tensor starts at
+    one. Returns the header bytes (length prefix included) and each tensor's absolute byte offset in
+    the file; the writer fills the bytes between one tensor's end and the next one's offset with zeros.
+
+    >>> _, offsets = encode_header([("a", torch.float32, (3,), 12), ("b", torch.float32, (2,), 8)])
+    >>> offsets
+    {'a': 192, 'b': 256}
     """
     meta: dict[str, Any] = {}
     rel = 0
-    for name, dtype, shape, nbytes in entries:
+    starts: dict[str, int] = {}
+    for i, (name, dtype, shape, nbytes) in enumerate(entries):
+        if is_padding(name):
+            raise ValueError(f"tensor `{name}` has a name pylomin reserves for alignment padding; rename it")
+        starts[name] = rel
         meta[name] = {"dtype": dtype_code(dtype), "shape": list(shape), "data_offsets": [rel, rel + nbytes]}
         rel += nbytes
+        gap = -rel % DATA_ALIGN
+        if gap and i < len(entries) - 1:
+            meta[f"{PADDING_PREFIX}{i}"] = {"dtype": "U8", "shape": [gap], "data_offsets": [rel, rel + gap]}
+            rel += gap
     body = json.dumps(meta, separators=(",", ":")).encode()
     padded = -(-(8 + len(body)) // DATA_ALIGN) * DATA_ALIGN - 8
     body += b" " * (padded - len(body))
     data_start = 8 + len(body)
-    offsets: dict[str, int] = {}
-    rel = 0
-    for name, _, _, nbytes in entries:
-        offsets[name] = data_start + rel
-        rel += nbytes
-    return struct.pack("<Q", len(body)) + body, offsets
+    return struct.pack("<Q", len(body)) + body, {name: data_start + start for name, start in starts.items()}
+
+
+def is_padding(name: str) -> bool:
+    """Whether `name` is an alignment padding entry of a unit file (never a tensor of the model)."""
+    return name.startswith(PADDING_PREFIX)
 
 
 def decode_header(path: str | os.PathLike[str], f: Any, file_size: int) -> dict[str, TensorInfo]:
     """Read and validate the header of the safetensors file open as `f`.
 
-    Returns tensor name -> TensorInfo with absolute offsets; raises PylominError naming `path`
-    when the header is corrupt or its offsets run past the end of the file.
+    Returns tensor name -> TensorInfo with absolute offsets, alignment padding entries left out;
+    raises PylominError naming `path` when the header is corrupt or its offsets run past the end of
+    the file.
     """
     f.seek(0)
     prefix = f.read(8)
@@ -324,6 +394,8 @@ def decode_header(path: str | os.PathLike[str], f: Any, file_size: int) -> dict[
     except (ValueError, KeyError, TypeError) as e:
         raise PylominError(f"`{path}` has a corrupt safetensors header ({e}); re-download or re-save it") from None
     data_end = max((t.offset + t.length for t in out.values()), default=8 + n)
+    # Padding as encode_header writes it; any other entry under such a name is left for the caller to refuse.
+    out = {k: t for k, t in out.items() if not (is_padding(k) and t.dtype == "U8" and 0 < t.length < DATA_ALIGN)}
     if data_end > file_size:
         raise PylominError(
             f"`{path}` is truncated: its header needs {data_end} bytes, the file has {file_size}; "

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 import pylomin
+from pylomin import manifest as fmt
 from pylomin.memory import release_freed_memory_eagerly
 from tests import models
 
@@ -30,6 +33,48 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_cuda)
+
+
+def misaligned_tensors(root: Path) -> list[str]:
+    """Tensors of the unit files of every converted folder under `root` whose data is not 64-byte aligned in its file.
+
+    Reads each header as any safetensors reader does (8-byte little-endian length, JSON, data after
+    it), not through pylomin; a header a test damaged on purpose is skipped.
+    """
+    bad = []
+    for manifest in root.rglob(fmt.MANIFEST_NAME):
+        for path in sorted((manifest.parent / fmt.UNITS_DIR).glob("*.safetensors")):
+            with open(path, "rb") as f:
+                prefix = f.read(8)
+                (n,) = struct.unpack("<Q", prefix) if len(prefix) == 8 else (-1,)
+                try:
+                    header = json.loads(f.read(n)) if 0 <= n < 2**24 else None
+                except (ValueError, UnicodeDecodeError):
+                    header = None
+            for name, t in header.items() if isinstance(header, dict) else ():
+                offsets = t.get("data_offsets") if isinstance(t, dict) else None
+                begin = offsets[0] if isinstance(offsets, list) and offsets else None
+                if name != "__metadata__" and not fmt.is_padding(name) and type(begin) is int and (8 + n + begin) % 64:
+                    bad.append(f"`{path}`: `{name}` at byte {8 + n + begin}")
+    return bad
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_unit_files_are_aligned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """At the end, the same for every folder the session wrote (fixtures' and hypothesis' folders included)."""
+    yield
+    bad = misaligned_tensors(tmp_path_factory.getbasetemp())
+    assert not bad, "tensors not 64-byte aligned in their unit files:\n" + "\n".join(bad[:20])
+
+
+@pytest.fixture(autouse=True)
+def _unit_files_are_aligned(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test, every tensor of every folder it converted into its `tmp_path` starts 64-byte aligned."""
+    root = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    if root is not None and root.is_dir():
+        bad = misaligned_tensors(root)
+        assert not bad, "tensors not 64-byte aligned in their unit files:\n" + "\n".join(bad[:20])
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +103,7 @@ def converted(hf_dir: Callable[[str], Path], tmp_path_factory: pytest.TempPathFa
         if key not in cache:
             out = tmp_path_factory.mktemp(f"pl-{name}") / "out"
             cache[key] = pylomin.convert(hf_dir(name), out, progress=False, **options)  # type: ignore[arg-type]
+            assert not misaligned_tensors(out), misaligned_tensors(out)
         return cache[key]
 
     return make
@@ -74,7 +120,9 @@ def medium_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     folder = tmp_path_factory.mktemp("medium-bert")
     transformers.BertModel(cfg).save_pretrained(folder / "src")
-    return pylomin.convert(folder / "src", folder / "out", progress=False)
+    out = pylomin.convert(folder / "src", folder / "out", progress=False)
+    assert not misaligned_tensors(out), misaligned_tensors(out)
+    return out
 
 
 @pytest.fixture
@@ -113,6 +161,8 @@ def disk_dir(tmp_path: Path) -> Iterator[Path]:
         folder = Path(tempfile.mkdtemp(prefix="pylomin-test-", dir="/var/tmp"))
         try:
             yield folder
+            bad = misaligned_tensors(folder)
+            assert not bad, "tensors not 64-byte aligned in their unit files:\n" + "\n".join(bad[:20])
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         return

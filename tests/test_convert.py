@@ -17,7 +17,9 @@ import pylomin
 from pylomin import manifest as fmt
 from pylomin.convert import plan_units
 from pylomin.memory import PeakRss
-from tests import models
+from pylomin.store import Store
+from tests import models, python
+from tests.conftest import misaligned_tensors
 
 
 def read_back(folder: Path) -> dict[str, torch.Tensor]:
@@ -26,8 +28,9 @@ def read_back(folder: Path) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for unit in m.units:
         with safe_open(folder / unit.file, framework="pt") as f:
-            assert set(f.keys()) == set(unit.tensors), unit.file
-            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+            names = [n for n in f.keys() if not fmt.is_padding(n)]  # noqa: SIM118 (safe_open is not iterable)
+            assert set(names) == set(unit.tensors), unit.file
+            for name in names:
                 out[name] = f.get_tensor(name)
     for alias, target in m.aliases.items():
         out[alias] = out[target]
@@ -92,10 +95,7 @@ def test_tensors_are_aligned_and_files_are_plain_safetensors(hf_dir, converted) 
     folder = converted("llama")
     m = fmt.read(folder)
     for unit in m.units:
-        for name, info in unit.tensors.items():
-            assert info.offset % info.torch_dtype.itemsize == 0, name
-    for unit in m.units:
-        assert all(info.offset % 64 == 0 for info in unit.tensors.values() if info.length % 64 == 0), unit.name
+        assert all(info.offset % fmt.DATA_ALIGN == 0 for info in unit.tensors.values()), unit.name
     # Plain safetensors reads each unit file, finds every tensor at the manifest's offset, and gets the
     # source checkpoint's values: the offsets checked above are where the data really is.
     source = load_file(hf_dir("llama") / "model.safetensors")
@@ -104,7 +104,7 @@ def test_tensors_are_aligned_and_files_are_plain_safetensors(hf_dir, converted) 
         data = (folder / unit.file).read_bytes()
         (header,) = struct.unpack("<Q", data[:8])
         assert (8 + header) % fmt.DATA_ALIGN == 0, f"`{unit.file}`: data starts at byte {8 + header}"
-        tensors = load_file(folder / unit.file)
+        tensors = {k: v for k, v in load_file(folder / unit.file).items() if not fmt.is_padding(k)}
         assert set(tensors) == set(unit.tensors), unit.file
         for name, info in unit.tensors.items():
             raw = tensors[name].reshape(-1).view(torch.uint8).numpy().tobytes()
@@ -112,6 +112,81 @@ def test_tensors_are_aligned_and_files_are_plain_safetensors(hf_dir, converted) 
         got.update(tensors)
     assert_same(got, {k: source[k] for k in got})
     assert set(source) <= set(got) | set(m.aliases)
+
+
+def odd_bert() -> torch.nn.Module:
+    """A BERT whose sizes are no multiples of 64 bytes: hidden 72 (a 288-byte norm), intermediate 100 (400 bytes)."""
+    import transformers
+
+    cfg = transformers.BertConfig(
+        vocab_size=models.VOCAB,
+        hidden_size=72,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=100,
+        max_position_embeddings=64,
+    )
+    return transformers.BertModel(cfg).eval()
+
+
+@pytest.mark.parametrize("dtype", [None, "float16"])
+@pytest.mark.parametrize("unit", ["block", "leaf"])
+def test_every_tensor_is_64_byte_aligned_whatever_its_size(unit: str, dtype: str | None, tmp_path: Path) -> None:
+    import transformers
+
+    torch.manual_seed(0)
+    model = odd_bert()
+    model.save_pretrained(tmp_path / "src")
+    out = pylomin.convert(tmp_path / "src", tmp_path / "out", unit=unit, dtype=dtype, progress=False)
+    m = fmt.read(out)
+    assert any(info.length % 64 for u in m.units for info in u.tensors.values())  # the case in question
+    assert misaligned_tensors(out) == []
+    want = {
+        k: v.to(torch.float16) if dtype else v for k, v in load_file(tmp_path / "src" / "model.safetensors").items()
+    }
+    assert_same(read_back(out), want)  # plain safetensors reads every file, padding entries and all
+    with Store(out, m) as store:  # zero-copy views of the mapped files: at 64-byte aligned addresses
+        for name in m.tensor_index():
+            view = store.view(name)
+            assert view.data_ptr() % 64 == 0 and torch.equal(view, want[name]), name
+    streamed = pylomin.load_streaming(out, transformers.BertModel, dtype=dtype)
+    model = model.to(torch.float16) if dtype else model
+    with torch.no_grad():
+        x = models.ids(3, 17)
+        assert torch.equal(streamed(x).last_hidden_state, model(x).last_hidden_state)
+
+
+@pytest.mark.parametrize("dtype", [None, "float16"])
+def test_odd_sizes_and_every_dtype_are_aligned(dtype: str | None, tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    state = {
+        "m.bool": torch.tensor([True, False, True]),
+        "m.i8": torch.arange(5, dtype=torch.int8),
+        "m.u8": torch.arange(7, dtype=torch.uint8),
+        "m.f16": torch.randn(3, generator=g).half(),
+        "m.bf16": torch.randn(5, generator=g).bfloat16(),
+        "m.f32": torch.randn(7, generator=g),
+        "m.f64": torch.randn(3, generator=g, dtype=torch.float64),
+        "m.i64": torch.tensor([-3]),
+        "m.empty": torch.empty(0, 4),
+        "m.scalar": torch.tensor(2.5),
+        "m.whole": torch.randn(4, 4, generator=g),  # 64 bytes
+    }
+    save_file(state, tmp_path / "m.safetensors")
+    out = pylomin.convert(tmp_path / "m.safetensors", tmp_path / "out", dtype=dtype, progress=False)
+    (unit,) = fmt.read(out).units
+    assert misaligned_tensors(out) == [] and all(i.offset % 64 == 0 for i in unit.tensors.values())
+    cast = {k: v.half() if dtype and v.is_floating_point() else v for k, v in state.items()}
+    assert_same(read_back(out), cast)
+    padding = [n for n in safe_open(out / unit.file, "pt").keys() if fmt.is_padding(n)]  # noqa: SIM118
+    assert 0 < len(padding) < len(state)  # only after sizes that are not 64-byte multiples, never after the last
+
+
+def test_a_source_tensor_with_a_padding_name_is_refused(tmp_path: Path) -> None:
+    save_file({"a.weight": torch.ones(3), f"{fmt.PADDING_PREFIX}0": torch.ones(2)}, tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match=f"`{tmp_path / 'm.safetensors'}` holds tensor `__pylomin_padding_0`"):
+        pylomin.convert(tmp_path / "m.safetensors", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_unit_plan() -> None:
@@ -284,6 +359,36 @@ def test_cli_convert_info_verify(hf_dir, tmp_path: Path, capsys: pytest.CaptureF
     assert convert_main([str(tmp_path / "nope"), str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("pylomin-convert: error: ") and "nope" in err and "Traceback" not in err
+
+
+def test_verify_finds_a_unit_deleted_by_hand(converted, tmp_path: Path) -> None:
+    folder = tmp_path / "gpt2"
+    shutil.copytree(converted("gpt2"), folder)
+    assert python.cli("verify", str(folder)).returncode == 0
+    doc = json.loads((folder / fmt.MANIFEST_NAME).read_text())
+    gone = doc["units"].pop(2)  # from the list and from the disk: every file still listed checks out
+    (folder / gone["file"]).unlink()
+    (folder / fmt.MANIFEST_NAME).write_text(json.dumps(doc, indent=1))
+    r = python.cli("verify", str(folder))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"pylomin: error: `{folder / fmt.MANIFEST_NAME}` does not match its digest"), r.stderr
+    assert "convert the model again" in r.stderr
+
+
+def test_a_version_1_folder_still_loads_and_verifies(converted, tmp_path: Path, caplog) -> None:
+    folder = tmp_path / "gpt2"
+    shutil.copytree(converted("gpt2"), folder)
+    doc = json.loads((folder / fmt.MANIFEST_NAME).read_text())
+    del doc["digest"]
+    doc["format_version"] = 1  # as the previous pylomin wrote it (its unit files had no padding entries)
+    (folder / fmt.MANIFEST_NAME).write_text(json.dumps(doc, indent=1))
+    assert pylomin.verify(folder).format_version == 1
+    assert "carries no digest" in caplog.text and "convert the model again" in caplog.text
+    import transformers
+
+    model = pylomin.load_streaming(folder, transformers.GPT2LMHeadModel)
+    with torch.no_grad():
+        model(models.ids(1, 4))
 
 
 def test_cli_entry_points_installed(tmp_path: Path) -> None:
