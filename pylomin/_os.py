@@ -25,6 +25,13 @@ def page_range(offset: int, length: int, limit: int | None = None) -> tuple[int,
     return begin, end if limit is None else min(end, limit)
 
 
+def inner_page_range(offset: int, length: int, limit: int) -> tuple[int, int]:
+    """The whole pages inside `[offset, offset + length)`: `(begin, end)`; a range ending at `limit` keeps its last page."""
+    begin = -(-offset // PAGE) * PAGE
+    end = limit if offset + length >= limit else (offset + length) // PAGE * PAGE
+    return begin, max(begin, end)
+
+
 def madvise(address: int, length: int, advice: int) -> int:
     """`madvise(2)` on `[address, address + length)`, widened to whole pages; returns 0 or the errno."""
     begin, end = page_range(address, length)

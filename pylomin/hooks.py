@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,10 +15,13 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from pylomin.adapt import Adaptive
+from pylomin.errors import PylominError
 from pylomin.plan import ExpertCache, Plan, merge
 from pylomin.prefetch import Prefetcher, Recorder
 from pylomin.stage import Copy, Stager
 from pylomin.store import Store
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -27,6 +33,23 @@ class Slot:
     owners: list[tuple[nn.Module, str]] = field(default_factory=list)
     refs: int = 0
     pinned: bool = False  # kept materialized for the model's lifetime (memory budget)
+
+
+def _refuse_training(grad: torch.Tensor) -> torch.Tensor:
+    raise PylominError(
+        "a streamed model is for inference: its parameters are paged in for one forward and released, so "
+        "gradients have nowhere to go; train the model in memory (e.g. `from_pretrained`), or run this under "
+        "`torch.no_grad()`"
+    )
+
+
+@dataclass(eq=False)
+class _Calls:
+    """One thread's hooked calls: the units it runs now (outermost first) and what each holds."""
+
+    frames: list[tuple[nn.Module, list[Slot]]] = field(default_factory=list)
+    in_pass: bool = False  # a forward of the root module runs in this thread (counted in `_passes`)
+    reading: bool = False  # ... and the reader counts it too (`Prefetcher.begin_pass`)
 
 
 class HookManager:
@@ -72,8 +95,16 @@ class HookManager:
         # The reader knows targets by index only: a module reference would keep the model alive
         # through its hooks for as long as the thread runs.
         self.index = {m: i for i, m in enumerate(order)}
+        # Every parameter by owner, for `state_dict()`; one view per stored tensor while any is alive,
+        # so tied names share one tensor there as they share one parameter.
+        self._owned: dict[nn.Module, dict[str, Slot]] = {}
+        for module_slots in slots.values():
+            for slot in module_slots:
+                for owner, attr in slot.owners:
+                    self._owned.setdefault(owner, {})[attr] = slot
+        self._views: weakref.WeakValueDictionary[str, torch.Tensor] = weakref.WeakValueDictionary()
         self._lock = threading.RLock()
-        self._local = threading.local()  # per thread: the stack of hooked calls running and the slots each holds
+        self._local = threading.local()  # per thread: its `_Calls`
         self._handles: list[RemovableHandle] = []
         self.recorder: Recorder | None = None  # while profiling; one check per hook otherwise
         self.prefetcher: Prefetcher | None = None
@@ -87,9 +118,10 @@ class HookManager:
         """Bytes kept materialized for the model's lifetime (the plan's resident set)."""
         return self.plan.resident_bytes
 
-    def _pin(self) -> None:
-        """Materialize the plan's resident tensors; zero-copy ones are also faulted in now."""
+    def _pin(self) -> list[tuple[str, int, int]]:
+        """Materialize the plan's resident tensors; returns the ranges of zero-copy ones, to fault in (`_fault_in`)."""
         rows_only = set(self.plan.random_access)
+        ranges = []
         for module in self.order:
             for slot in self.targets[module]:
                 if slot.stored_name not in self.plan.resident or slot.pinned:
@@ -101,13 +133,19 @@ class HookManager:
                 # keep a second, useless copy in host memory. Lookup tables are read by rows on use.
                 where = self.store.location(slot.stored_name)
                 if not copied and where not in rows_only:
-                    self.store.prefetch(*where)
+                    ranges.append(where)
+        return ranges
+
+    def _fault_in(self, ranges: list[tuple[str, int, int]]) -> None:
+        # Outside the lock: reading a resident set from disk takes seconds, and other threads' hooks run meanwhile.
+        for where in ranges:
+            self.store.prefetch(*where)
 
     def attach(self) -> None:
         """Carry out the plan: resident tensors in, kernel hints, the reader thread, then the hooks."""
         for where in self.plan.random_access:
             self.store.random_access(*where)
-        self._pin()
+        self._fault_in(self._pin())
         if self.plan.prefetch_units > 0 or self.adaptive is not None and self.adaptive.prefetch_units > 0:
             if self.copy is not None:
                 streamed = {
@@ -133,6 +171,9 @@ class HookManager:
             self._handles.append(module.register_forward_hook(self._post, always_call=True))
         for module in self.experts:
             self._handles.append(module.register_forward_pre_hook(self._read_chosen_experts, with_kwargs=True))
+        for module in self._owned:
+            # A partial, not the bound method: torch marks the hook with an attribute.
+            self._handles.append(module.register_state_dict_post_hook(functools.partial(self._real_state)))
 
     def detach(self, *, restore: bool = False) -> None:
         """Remove the hooks, stop the reader, and put every parameter back on meta (or in memory: `restore`)."""
@@ -177,7 +218,7 @@ class HookManager:
             self._release(gone)
             for g, e in self.expert_cache.resize(plan.expert_cache_bytes):
                 self._drop_expert(g, e)
-            self._pin()
+            ranges = self._pin()
             if self.prefetcher is not None:
                 self.prefetcher.resize(
                     max_units=plan.prefetch_units,
@@ -185,6 +226,7 @@ class HookManager:
                     skip={i for i, r in enumerate(plan.read_ahead) if not r},
                     wide=self._wide_ranges(),
                 )
+        self._fault_in(ranges)
 
     def _drop_expert(self, group: int, e: int) -> None:
         for where in merge([r for name in self._names_of[group] for r in self.plan.experts[name].ranges([e])]):
@@ -199,14 +241,62 @@ class HookManager:
                 out[i] = merge([*self.plan.ranges[i], *(self.store.location(n) for n in fused)])
         return out
 
+    # --- the pass lifecycle: begin pass, enter unit, leave unit, end pass, and recovery --------
+    #
+    # torch runs `always_call` forward hooks for an `Exception` only: a `KeyboardInterrupt` (Ctrl-C)
+    # skips every post-hook between it and the caller. So each thread records what its calls hold
+    # (`_Calls`), and the next call of that thread that finds them unfinished gives it all back
+    # first (`_recover`): references, its pass, and reads queued for it.
+
+    def _calls(self) -> _Calls:
+        calls = getattr(self._local, "calls", None)
+        if calls is None:
+            calls = self._local.calls = _Calls()
+        return calls
+
     def _begin_pass(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        calls = self._calls()
+        if calls.in_pass or calls.frames:  # the root forward runs outermost: these are an interrupted call's
+            self._recover(calls, 0)
         with self._lock:
             alone = self._passes == 0
             self._passes += 1
+        calls.in_pass = True
         if alone and self.adaptive is not None:
             self.adaptive.maybe_recheck()  # re-plans through `replan` when memory moved
         if self.prefetcher is not None:
             self.prefetcher.begin_pass(wide=self._wide_pass(args, kwargs))
+            calls.reading = True
+
+    def _end_pass(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._close_pass(self._calls(), interrupted=False)
+
+    def _close_pass(self, calls: _Calls, *, interrupted: bool) -> None:
+        """End this thread's pass: undo exactly what `_begin_pass` did, however far it got."""
+        if not calls.in_pass:
+            return
+        calls.in_pass = False
+        with self._lock:
+            self._passes -= 1
+        if calls.reading:
+            calls.reading = False
+            if self.prefetcher is not None:
+                self.prefetcher.end_pass(interrupted=interrupted)
+
+    def _recover(self, calls: _Calls, depth: int) -> None:
+        """Give back what this thread's interrupted calls from `depth` up still hold; from 0, end their pass too."""
+        stale, calls.frames[depth:] = calls.frames[depth:], []
+        with self._lock:
+            done = []
+            for _, held in stale:
+                for slot in held:
+                    slot.refs -= 1
+                    if slot.refs == 0:
+                        done.append(slot)
+            self._release(done)
+        if depth == 0:
+            self._close_pass(calls, interrupted=True)
+        logger.info("pylomin: a forward was interrupted; released what it held (%d units)", len(stale))
 
     def _wide_pass(self, args: Any, kwargs: Any) -> bool:
         """Whether a pass of these inputs chooses most experts in every layer: T tokens routed to k
@@ -220,25 +310,18 @@ class HookManager:
         tokens = ids.shape[:-1].numel() if ids.is_floating_point() else ids.numel()
         return tokens * self._top_k >= 2 * self._experts_per_layer
 
-    def _end_pass(self, module: nn.Module, args: Any, output: Any) -> None:
-        with self._lock:
-            self._passes -= 1
-        if self.prefetcher is not None:
-            self.prefetcher.end_pass()
-
-    def _frames(self) -> list[tuple[nn.Module, list[Slot]]]:
-        frames = getattr(self._local, "frames", None)
-        if frames is None:
-            frames = self._local.frames = []
-        return frames
-
     def _pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         rec = self.recorder
         t0 = time.perf_counter_ns() if rec is not None else 0
         # What this call holds, so the post-hook (which runs even when this one raises) gives back
         # exactly that, never a reference another thread holds on the same slot.
+        frames = self._calls().frames
+        for depth, (running, _) in enumerate(frames):
+            if running is module:  # a unit never runs inside itself: that call was interrupted
+                self._recover(self._calls(), depth)
+                break
         held: list[Slot] = []
-        self._frames().append((module, held))
+        frames.append((module, held))
         if self.prefetcher is not None:
             self.prefetcher.enter(self.index[module])  # may wait for this unit's read; outside the lock
         t1 = time.perf_counter_ns() if rec is not None else 0
@@ -258,7 +341,7 @@ class HookManager:
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
         rec = self.recorder
         t0 = time.perf_counter_ns() if rec is not None else 0
-        frames = self._frames()
+        frames = self._calls().frames
         if not frames or frames[-1][0] is not module:
             return  # our pre-hook did not run for this call (a hook before it raised): nothing is held
         _, held = frames.pop()
@@ -330,8 +413,22 @@ class HookManager:
         self._set(slot, tensor)
         return True
 
+    def _real_state(self, module: nn.Module, state: dict[str, Any], prefix: str, metadata: Any) -> None:
+        """`state_dict()` holds the stored tensors (views of the files, cast as loaded), not meta placeholders."""
+        for attr, slot in self._owned[module].items():
+            key = prefix + attr
+            value = state.get(key)
+            if isinstance(value, torch.Tensor) and value.is_meta:
+                tensor = self._views.get(slot.stored_name)
+                if tensor is None:
+                    tensor = self.store.view(slot.stored_name).to(slot.placeholder.dtype)
+                    self._views[slot.stored_name] = tensor
+                state[key] = tensor
+
     def _set(self, slot: Slot, tensor: torch.Tensor) -> None:
         param = nn.Parameter(tensor, requires_grad=slot.placeholder.requires_grad)
+        if param.requires_grad and torch.is_grad_enabled():
+            param.register_hook(_refuse_training)  # its gradient would land on a parameter released after use
         for module, attr in slot.owners:
             module._parameters[attr] = param
 

@@ -73,25 +73,31 @@ def _borrowed(model_cls: Any, model_type: str) -> bool:
     return model_cls.__name__ in flat
 
 
+_BUILDING = threading.local()  # set in the thread that builds under `params_on_meta`
+
+
 @contextlib.contextmanager
 def params_on_meta() -> Iterator[None]:
-    """Every parameter registered while this is active lands on meta; buffers stay real.
+    """Every parameter registered by this thread while this is active lands on meta; buffers stay real.
 
     Buffers computed in `__init__` (position ids, rotary frequencies, masks) keep their values,
-    which building under `torch.device("meta")` would lose.
+    which building under `torch.device("meta")` would lose. `register_parameter` is patched on the
+    class, so the patch checks the thread: modules other threads build meanwhile are untouched.
     """
     original = nn.Module.register_parameter
 
     def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         original(module, name, param)
-        if param is not None and param.device.type != "meta":
+        if param is not None and param.device.type != "meta" and getattr(_BUILDING, "on", False):
             module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
     with _META_LOCK:
         nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
+        _BUILDING.on = True
         try:
             yield
         finally:
+            _BUILDING.on = False
             nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 

@@ -235,11 +235,18 @@ class ExpertCache:
         return self.hits / self.lookups if self.lookups else 0.0
 
 
+# Tensor data starts at a multiple of this in a unit file (`manifest.DATA_ALIGN`): a shorter gap
+# before such a start is padding, which no tensor shares.
+_ALIGN = 64
+
+
 def merge(ranges: list[Range]) -> list[Range]:
-    """Sort byte ranges and merge those that touch, per file: fewer, larger reads."""
+    """Sort byte ranges and merge those that touch or lie only padding apart, per file: fewer, larger
+    reads, and a page two released tensors share is released with them."""
     out: list[Range] = []
     for file, offset, length in sorted(ranges):
-        if out and out[-1][0] == file and out[-1][1] + out[-1][2] >= offset:
+        end = out[-1][1] + out[-1][2] if out else 0
+        if out and out[-1][0] == file and (end >= offset or offset % _ALIGN == 0 and offset - end < _ALIGN):
             f, o, n = out[-1]
             out[-1] = (f, o, max(n, offset + length - o))
         else:

@@ -84,6 +84,7 @@ class Prefetcher:
         self._recording: list[int] | None = None
         self._seen: set[int] = set()
         self._closed = False
+        self._stopped: BaseException | None = None  # why the reader thread ended, once it has
         self._thread = threading.Thread(target=self._run, name="pylomin-prefetch", daemon=True)
         self._thread.start()
 
@@ -104,14 +105,29 @@ class Prefetcher:
             self._seen = set()
             self._wide_pass = wide if self._passes == 1 else self._wide_pass or wide
 
-    def end_pass(self) -> None:
-        """The root module's forward ended: keep the recorded order if it changed."""
+    def end_pass(self, *, interrupted: bool = False) -> None:
+        """The root module's forward ended: keep the recorded order if it changed.
+
+        `interrupted`: it never finished (a `KeyboardInterrupt`): its order is partial and is not
+        kept, and when no other pass runs, reads queued for it that have not started are cancelled.
+        """
         with self._lock:
             self._passes -= 1
             rec, self._recording = self._recording, None
-            if rec is not None and rec != self.order and self._passes == 0:
+            if self._passes == 0:
+                self._wide_pass = False
+                if interrupted:
+                    self._cancel_queued()
+            if rec is not None and rec != self.order and self._passes == 0 and not interrupted:
                 logger.debug("prefetch order recorded: %d targets", len(rec))
                 self._set_order(rec)
+
+    def _cancel_queued(self) -> None:
+        # Under the lock. A read in flight finishes; its pages go when that unit is next released.
+        for job in self._queue:
+            self._pending.pop(job.target, None)
+            job.done.set()
+        self._queue.clear()
 
     def enter(self, target: int) -> None:
         """`target` is about to run: wait for its own read, then queue the reads of those that follow."""
@@ -122,7 +138,7 @@ class Prefetcher:
                 self._recording.append(target)
             self._schedule_after(target)
         if job is not None:
-            job.done.wait()
+            job.done.wait()  # set by the reader, by `close`, or when the reader ends for any reason
             if job.error is not None:
                 file = job.ranges[0][0] if job.ranges else "?"
                 raise PylominError(
@@ -132,8 +148,8 @@ class Prefetcher:
 
     def _schedule_after(self, target: int) -> None:
         i = self._index.get(target)
-        if i is None or self.max_units <= 0:
-            return
+        if i is None or self.max_units <= 0 or self._closed or self._stopped is not None:
+            return  # a closed or ended reader runs no more jobs: the unit is paged in on demand
         wide = self._wide_pass
         units, nbytes = 0, sum(self._nbytes.get(t, 0) for t in self._pending)
         for step in range(1, len(self.order)):
@@ -185,19 +201,38 @@ class Prefetcher:
             self._wake.notify()
 
     def _run(self) -> None:
+        error: BaseException | None = None
+        try:
+            self._loop()
+        except BaseException as e:  # never expected: the jobs waited for are failed below, never left hanging
+            error = e
+            logger.exception("the prefetch reader stopped")
+        finally:
+            # Closed: whoever waits pages its unit in on demand. Failed: the waiting forward says why.
+            with self._lock:
+                self._stopped = error or PylominError("the prefetch reader was closed")
+                jobs = [*self._queue, *self._pending.values()]
+                self._queue.clear()
+                self._pending.clear()
+            for job in jobs:
+                if not job.done.is_set():
+                    job.error = job.error or error
+                    job.done.set()
+
+    def _loop(self) -> None:
         while True:
             with self._lock:
                 while not self._queue and not self._done and not self._closed:
                     self._wake.wait()
                 if self._closed:
-                    for queued in self._queue:
-                        queued.done.set()
-                    self._queue.clear()
                     return
                 done, self._done = self._done, []
                 job: _Job | None = self._queue.popleft() if self._queue else None
             for r in done:  # a unit released and entered again since is refaulted, never wrong
-                self.store.done(*r)
+                try:
+                    self.store.done(*r)
+                except OSError as e:  # a hint: a file gone or out of descriptors changes no result
+                    logger.debug("dropping pages of `%s` failed: %s", r[0], e)
             if job is None:
                 continue
             t0 = time.perf_counter_ns()
@@ -215,16 +250,25 @@ class Prefetcher:
                 job.done.set()
 
     def close(self) -> None:
-        """Stop the reader thread and wait for it."""
+        """Stop the reader thread and wait for it.
+
+        Called on the reader thread itself (a finalizer run by a garbage collection there), it only
+        asks the thread to stop: waiting for itself, or taking a lock that thread may hold, would
+        never return.
+        """
+        self._closed = True  # read by the reader under its lock; an assignment needs none
+        if self._thread is threading.current_thread():
+            return
         with self._lock:
-            self._closed = True
             self._wake.notify_all()
-        if self._thread is not threading.current_thread():
-            self._thread.join()
-        for r in self._done:
-            self.store.done(*r)
-        self._done.clear()
+        self._thread.join()
         with self._lock:
+            done, self._done = self._done, []
             for job in self._pending.values():
                 job.done.set()
             self._pending.clear()
+        for r in done:
+            try:
+                self.store.done(*r)
+            except OSError as e:
+                logger.debug("dropping pages of `%s` failed: %s", r[0], e)

@@ -35,6 +35,11 @@ class Store:
         self.drop_page_cache = drop_page_cache
         self._index = manifest.tensor_index()
         self._paths: dict[str, Path] = {}
+        # One descriptor per unit file, kept: page hints and reads act on the file that is mapped,
+        # even after the folder is replaced or removed (re-convert, `pylomin cache rm`), and never
+        # need a descriptor when the process has none left.
+        self._fds: dict[str, int] = {}
+        self._data: dict[str, tuple[int, int]] = {}  # per file: where its tensors' data begins and ends
         self._random: dict[str, list[tuple[int, int]]] = {}  # per file: page spans mapped random-access
         self._maps: dict[str, mmap.mmap] = {}
         self._addrs: dict[str, int] = {}
@@ -52,31 +57,38 @@ class Store:
         if not path.is_file():
             raise PylominError(f"unit file `{path}` of unit `{unit.name}` is missing; convert the model again")
         self._paths[unit.file] = path
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size != unit.size:
-                raise PylominError(
-                    f"unit file `{path}` has {size} bytes, the manifest says {unit.size}: it is truncated or was "
-                    "replaced; convert the model again"
-                )
-            # Only the header is wanted here: without the hint, the kernel's read-ahead of a file read
-            # from its start pulls in the first tensors too (experts nobody chose, say).
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            hint = " (out of file descriptors: raise `ulimit -n`)" if e.errno == errno.EMFILE else ""
+            raise PylominError(f"cannot open unit file `{path}`: {e.strerror}{hint}") from e
+        self._fds[unit.file] = fd
+        size = os.fstat(fd).st_size
+        if size != unit.size:
+            raise PylominError(
+                f"unit file `{path}` has {size} bytes, the manifest says {unit.size}: it is truncated or was "
+                "replaced; convert the model again"
+            )
+        # Only the header is wanted here: without the hint, the kernel's read-ahead of a file read
+        # from its start pulls in the first tensors too (experts nobody chose, say).
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        with open(fd, "rb", closefd=False) as f:
             header = fmt.decode_header(path, f, size)
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_NORMAL)
-            if header != unit.tensors:
-                raise PylominError(
-                    f"unit file `{path}` does not hold the tensors the manifest lists for unit `{unit.name}` "
-                    "(it was replaced or edited); convert the model again"
-                )
-            if size:
-                # Private (copy-on-write) mapping: an in-place op on a parameter never reaches the file.
-                # The mapping keeps its own descriptor; ours is closed (one fd per unit, not two).
-                m = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
-                self._maps[unit.file] = m
-                anchor = ctypes.c_char.from_buffer(m)
-                self._addrs[unit.file] = ctypes.addressof(anchor)
-                del anchor  # release the buffer export: the mapping stays closable
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_NORMAL)
+        if header != unit.tensors:
+            raise PylominError(
+                f"unit file `{path}` does not hold the tensors the manifest lists for unit `{unit.name}` "
+                "(it was replaced or edited); convert the model again"
+            )
+        spans = [(t.offset, t.offset + t.length) for t in unit.tensors.values() if t.length]
+        self._data[unit.file] = (min((b for b, _ in spans), default=size), max((e for _, e in spans), default=size))
+        if size:
+            # Private (copy-on-write) mapping: an in-place op on a parameter never reaches the file.
+            m = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+            self._maps[unit.file] = m
+            anchor = ctypes.c_char.from_buffer(m)
+            self._addrs[unit.file] = ctypes.addressof(anchor)
+            del anchor  # release the buffer export: the mapping stays closable
 
     def view(self, name: str) -> torch.Tensor:
         """A zero-copy CPU tensor over the mapped bytes of the stored tensor `name`."""
@@ -130,17 +142,14 @@ class Store:
             if err != errno.EINVAL:  # EINVAL: kernel without MADV_POPULATE_READ; read instead
                 raise OSError(err, f"{os.strerror(err)} while reading `{self._paths[file]}`")
             self._populate_ok = False
-        fd = os.open(self._paths[file], os.O_RDONLY)
-        try:
-            buf = bytearray(min(end - begin, 8 * 2**20))
-            pos = begin
-            while pos < end:
-                n = os.preadv(fd, [memoryview(buf)[: min(len(buf), end - pos)]], pos)
-                if n <= 0:
-                    raise OSError(errno.EIO, f"`{self._paths[file]}` ends at byte {pos}, before {end}")
-                pos += n
-        finally:
-            os.close(fd)
+        fd = self._fds[file]
+        buf = bytearray(min(end - begin, 8 * 2**20))
+        pos = begin
+        while pos < end:
+            n = os.preadv(fd, [memoryview(buf)[: min(len(buf), end - pos)]], pos)
+            if n <= 0:
+                raise OSError(errno.EIO, f"`{self._paths[file]}` ends at byte {pos}, before {end}")
+            pos += n
 
     def read_exactly(self, ranges: list[tuple[str, int, int]]) -> None:
         """Make exactly these ranges resident, all of their reads in flight at once.
@@ -168,29 +177,33 @@ class Store:
         rest would then be faulted in a page at a time (measured: 0.07 GB/s instead of 1 GB/s for
         whole fused experts tensors). So a range is asked for in pieces of the smallest window.
         """
-        fd = os.open(self._paths[file], os.O_RDONLY)
-        try:
-            for pos in range(begin, end, _WILLNEED_CHUNK):
-                os.posix_fadvise(fd, pos, min(_WILLNEED_CHUNK, end - pos), os.POSIX_FADV_WILLNEED)
-        finally:
-            os.close(fd)
+        fd = self._fds.get(file)
+        if fd is None:
+            return  # closed
+        for pos in range(begin, end, _WILLNEED_CHUNK):
+            os.posix_fadvise(fd, pos, min(_WILLNEED_CHUNK, end - pos), os.POSIX_FADV_WILLNEED)
 
     def done(self, file: str, offset: int, length: int) -> None:
         """Unmap the pages of a range from this process, and drop them from the page cache unless kept warm.
 
+        Only whole pages inside the range go (rounded inward, as llama.cpp's `unmap_fragment` does):
+        a page it shares with a neighbour, resident or a kept expert, stays. The file's header and
+        the tail after its last tensor belong to no neighbour and go with the first and last tensor.
         The mapping is private and untouched, so a later access just reads the file again.
         """
         m = self._maps.get(file)
-        if m is None or length <= 0:
+        fd = self._fds.get(file)
+        if m is None or fd is None or length <= 0:
             return
-        begin, end = _os.page_range(offset, length, len(m))
+        first, last = self._data[file]
+        begin = 0 if offset <= first else offset
+        end = len(m) if offset + length >= last else offset + length
+        begin, end = _os.inner_page_range(begin, end - begin, len(m))
+        if end <= begin:
+            return
         m.madvise(_os.MADV_DONTNEED, begin, end - begin)
         if self.drop_page_cache:
-            fd = os.open(self._paths[file], os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, begin, end - begin, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+            os.posix_fadvise(fd, begin, end - begin, os.POSIX_FADV_DONTNEED)
 
     def verify(self) -> None:
         """Check every unit file against the checksum in the manifest (reads all bytes)."""
@@ -218,10 +231,13 @@ class Store:
                 except BufferError:
                     logger.debug("a tensor still views a unit mapping; it closes when that tensor is freed")
             if self.drop_page_cache and self._maps:  # after unmapping: the kernel keeps mapped pages
-                for path in self._paths.values():
-                    _os.drop_cached(path)
+                for fd in self._fds.values():
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             self._maps.clear()
             self._addrs.clear()
+            fds, self._fds = self._fds, {}
+            for fd in fds.values():
+                os.close(fd)
 
     def __enter__(self) -> Store:
         return self
@@ -231,7 +247,7 @@ class Store:
 
 
 def verify(folder: str | os.PathLike[str]) -> fmt.Manifest:
-    """Check a converted folder completely: manifest, sizes, headers and checksums.
+    """Check a converted folder completely: manifest, sizes, headers, checksums and the manifest's digest.
 
     Raises:
         PylominError: naming the first file that does not match.
@@ -239,4 +255,5 @@ def verify(folder: str | os.PathLike[str]) -> fmt.Manifest:
     manifest = fmt.read(folder)
     with Store(folder, manifest) as store:
         store.verify()
+    fmt.check_digest(folder)  # every listed file checks out: is the list itself whole?
     return manifest

@@ -289,9 +289,7 @@ def attach_(
         store.close()
         raise
     base = type(model)
-    if isinstance(inspect.getattr_static(base, "device", None), property):
-        # transformers reads `model.device` from the first parameter, which is on meta here.
-        model.__class__ = _with_device(base)
+    model.__class__ = _streamed_class(base)
     # Only what does not reference the model: the finalizer must not keep it alive.
     cleanup = weakref.finalize(model, _close, manager.prefetcher, store, folder if remove_folder else None)
     model.__dict__[_STREAM] = Stream(store, manager, base, device, restore, cleanup)
@@ -397,7 +395,19 @@ def unload_(model: nn.Module) -> nn.Module:
     stream.manager.detach(restore=stream.restore)
     stream.cleanup()
     model.__class__ = stream.base_class
+    if not stream.restore:
+        model.register_forward_pre_hook(_refuse_unloaded)
     return model
+
+
+def _refuse_unloaded(module: nn.Module, args: Any) -> None:
+    # Without its files, a streamed model's parameters are meta tensors: a forward would return meta
+    # outputs (or fail far from the cause). Parameters assigned since (load_state_dict) run as usual.
+    if any(p.is_meta for p in module.parameters()):
+        raise PylominError(
+            f"this `{type(module).__name__}` was unloaded by `pylomin.unload_`: its parameters are on meta; "
+            "load it again with `pylomin.load_streaming`"
+        )
 
 
 def _close(prefetcher: Prefetcher | None, store: Store, folder: Path | None) -> None:
@@ -482,15 +492,57 @@ def _check_size(name: str, value: int | str) -> int:
     return nbytes
 
 
-_DEVICE_CLASSES: dict[type, type] = {}
+_STREAMED_CLASSES: dict[type, type] = {}
 
 
-def _with_device(base: type) -> type:
-    # A subclass whose `device` is the streaming device, not the (meta) device of its first parameter.
-    cls = _DEVICE_CLASSES.get(base)
+def _streamed_class(base: type) -> type:
+    """A subclass of `base` for a streamed model: `device` is the streaming device, not that of its first
+    (meta) parameter; `.to` where it already is does nothing, elsewhere says how to load it there;
+    pickling says what to save instead. Its name and module are `base`'s, so it prints the same."""
+    cls = _STREAMED_CLASSES.get(base)
     if cls is None:
-        cls = type(base.__name__, (base,), {"device": property(lambda self: stream_of(self).device)})
+        ns: dict[str, Any] = {
+            "to": _to,
+            "cpu": lambda self: _to(self, "cpu"),
+            "cuda": lambda self, device=None: _to(self, "cuda" if device is None else torch.device("cuda", device)),
+            "float": lambda self: _to(self, torch.float32),
+            "half": lambda self: _to(self, torch.float16),
+            "bfloat16": lambda self: _to(self, torch.bfloat16),
+            "double": lambda self: _to(self, torch.float64),
+            "__reduce_ex__": _refuse_pickle,
+        }
+        if isinstance(inspect.getattr_static(base, "device", None), property):
+            # transformers reads `model.device` from the first parameter, which is on meta here.
+            ns["device"] = property(lambda self: stream_of(self).device)
+        cls = type(base.__name__, (base,), ns)
         cls.__module__ = base.__module__
         cls.__qualname__ = base.__qualname__
-        _DEVICE_CLASSES[base] = cls
+        _STREAMED_CLASSES[base] = cls
     return cls
+
+
+def _to(self: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+    device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+    stream = stream_of(self)
+    here = stream.device
+    if device is not None and (device.type != here.type or device.index not in (None, here.index)):
+        raise PylominError(
+            f"this streamed model runs on `{here}`; its weights stay in their files, so `.to({device})` cannot move "
+            f"them: load it with `pylomin.load_streaming(..., device='{device}')`"
+        )
+    if dtype is not None:
+        floats = {p.dtype for p in self.parameters() if p.is_floating_point()}
+        if floats - {dtype}:
+            raise PylominError(
+                f"this streamed model's weights are {', '.join(sorted(map(str, floats)))}; its weights stay in their "
+                f"files, so `.to({dtype})` cannot cast them: load it with `pylomin.load_streaming(..., dtype={dtype})`"
+            )
+    return self
+
+
+def _refuse_pickle(self: nn.Module, protocol: int) -> Any:
+    raise TypeError(
+        f"a streamed `{type(self).__name__}` cannot be pickled: its weights are mappings of the files of "
+        f"`{stream_of(self).store.folder}`. Save `model.state_dict()` (it holds the real tensors) or call "
+        "`save_pretrained`, or pickle the folder's path and load it again"
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pylomin import manifest as fmt
+from pylomin import plan as plan_module
 from pylomin.plan import ExpertCache, Target, make_plan, merge
 
 # A GPT-2-like model: an embedding table tied to the LM head, positions, two blocks.
@@ -129,3 +131,11 @@ def test_an_expert_larger_than_the_cache_is_read_never_kept() -> None:
     cache = ExpertCache(capacity=5, sizes={0: 10})
     assert cache.use(0, [0]) == ([0], []) and cache.use(0, [0]) == ([0], [])
     assert cache.kept == set() and cache.hit_rate == 0.0
+
+
+def test_ranges_only_padding_apart_merge() -> None:
+    assert plan_module._ALIGN == fmt.DATA_ALIGN
+    # a.bias ends at 200; the next tensor starts at the next multiple of 64, 256: padding between.
+    assert merge([("u", 256, 100), ("u", 0, 200)]) == [("u", 0, 356)]
+    assert merge([("u", 0, 200), ("u", 320, 64)]) == [("u", 0, 200), ("u", 320, 64)]  # a tensor at 256 lies between
+    assert merge([("u", 0, 200), ("v", 256, 8)]) == [("u", 0, 200), ("v", 256, 8)]

@@ -1,0 +1,265 @@
+"""Interrupts and failures leave a streamed model as it was: Ctrl-C, a dead folder, no descriptors, a failed re-check."""
+
+from __future__ import annotations
+
+import errno
+import gc
+import mmap
+import os
+import resource
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import pylomin
+from pylomin import manifest as fmt
+from pylomin.limits import Memory, read_memory
+from pylomin.meta import params_on_meta
+from pylomin.prefetch import Prefetcher
+from pylomin.store import Store
+from pylomin.streaming import stream_of
+from tests import models
+from tests.test_layout import mixtral
+
+PAGE = mmap.PAGESIZE
+
+
+class CtrlC:
+    """Raises `KeyboardInterrupt` from inside a module's forward, once: what Ctrl-C does at that point."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.fired = False
+        self.handle = module.register_forward_hook(self)
+
+    def __call__(self, module: nn.Module, args: object, output: object) -> None:
+        if not self.fired:
+            self.fired = True
+            raise KeyboardInterrupt
+
+
+def held_slots(model: nn.Module) -> list[str]:
+    manager = stream_of(model).manager
+    return [s.stored_name for ss in manager.targets.values() for s in ss if s.refs and not s.pinned]
+
+
+def mapped_bytes(folder: Path) -> int:
+    """Bytes of the folder's unit files mapped into this process now (smaps Rss)."""
+    return sum(models.kib(m["Rss"]) for m in models.mappings_of(str(folder.resolve())))
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_ctrl_c_mid_forward_then_the_next_forward_runs_as_on_a_fresh_model(hf_dir, converted, prefetch: int) -> None:
+    folder = converted("llama")
+    ref = models.pretrained(transformers.LlamaForCausalLM, hf_dir("llama"))
+    model = pylomin.load_streaming(folder, transformers.LlamaForCausalLM, prefetch=prefetch, memory_budget=0)
+    manager = stream_of(model).manager
+    x = models.ids()
+    with torch.no_grad():
+        model(x)  # records the order
+        order = None if manager.prefetcher is None else list(manager.prefetcher.order)
+        after_a_forward = mapped_bytes(folder)  # the next pass's first units are read ahead already
+        ctrl_c = CtrlC(model.model.layers[1].mlp)
+        with pytest.raises(KeyboardInterrupt):
+            model(x)
+        assert held_slots(model)  # torch skipped every post-hook: what the interrupted units held is still held
+        assert torch.equal(model(x).logits, ref(x).logits)
+    assert held_slots(model) == []
+    assert all(p.is_meta for p in model.parameters())
+    assert mapped_bytes(folder) == after_a_forward
+    assert manager._passes == 0
+    if manager.prefetcher is not None:
+        assert manager.prefetcher._passes == 0 and manager.prefetcher.order == order
+    ctrl_c.handle.remove()
+
+
+def test_ctrl_c_during_generate_leaves_generate_exact(hf_dir, converted) -> None:
+    ref = models.pretrained(transformers.GPT2LMHeadModel, hf_dir("gpt2"))
+    model = pylomin.load_streaming(converted("gpt2"), transformers.GPT2LMHeadModel, memory_budget=0)
+    x = models.ids(1, 6)
+    options = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    calls = [0]
+
+    def on_third_token(module: nn.Module, args: object, output: object) -> None:
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+
+    handle = model.transformer.h[2].register_forward_hook(on_third_token)
+    with pytest.raises(KeyboardInterrupt):
+        model.generate(x, **options)
+    handle.remove()
+    assert torch.equal(model.generate(x, **options), ref.generate(x, **options))
+    assert held_slots(model) == []
+
+
+def test_ctrl_c_in_a_prompt_leaves_decode_reading_only_the_chosen_experts(disk_dir: Path) -> None:
+    # 8 experts, top-2: a 12-token prompt chooses most experts and reads layers whole ("wide"); one
+    # decode token must read its 2 experts per layer again, as on a fresh model.
+    src = disk_dir / "src"
+    mixtral(experts=8, hidden=64, intermediate=64).save_pretrained(src)
+    folder = pylomin.convert(src, disk_dir / "out", progress=False)
+    model = pylomin.load_streaming(folder, transformers.MixtralForCausalLM, drop_page_cache=False, memory_budget=0)
+    chosen: dict[str, set[int]] = {}
+    for name, module in model.named_modules():
+        if type(module).__name__ == "MixtralExperts":
+            module.register_forward_pre_hook(
+                lambda m, args, name=name: chosen.setdefault(name, set()).update(args[1].unique().tolist())
+            )
+    token = models.ids(batch=1, seq=1)
+    with torch.no_grad():
+        ctrl_c = CtrlC(model.model.layers[0])
+        with pytest.raises(KeyboardInterrupt):
+            model(models.ids(batch=1, seq=12))
+        ctrl_c.handle.remove()
+        model(token)  # recovers what the interrupted prompt left
+        models.evict([folder / u.file for u in fmt.read(folder).units])
+        chosen.clear()
+        model(token)
+    m = fmt.read(folder)
+    for layer, experts in chosen.items():
+        unit = next(u for u in m.units if f"{layer}.gate_up_proj" in u.tensors)
+        pages = models.cached_pages(folder / unit.file)
+        info = unit.tensors[f"{layer}.gate_up_proj"]
+        stride = info.length // 8
+        for e in set(range(8)) - experts:
+            first, last = (info.offset + e * stride) // PAGE, (info.offset + (e + 1) * stride - 1) // PAGE
+            assert not any(pages[first + 1 : last]), (layer, e)  # an expert nobody chose was read
+
+
+def test_a_removed_folder_never_hangs_or_fails_the_next_forward(hf_dir, tmp_path: Path) -> None:
+    # `pylomin cache rm` or a re-convert while a model is loaded: its files stay open and mapped.
+    folder = pylomin.convert(hf_dir("llama"), tmp_path / "out", progress=False)
+    ref = models.pretrained(transformers.LlamaForCausalLM, hf_dir("llama"))
+    model = pylomin.load_streaming(folder, transformers.LlamaForCausalLM, prefetch=2, memory_budget=0)
+    x = models.ids()
+    with torch.no_grad():
+        model(x)
+        shutil.rmtree(folder)
+        for _ in range(2):
+            assert torch.equal(model(x).logits, ref(x).logits)
+    assert stream_of(model).manager.prefetcher._thread.is_alive()
+
+
+def test_no_descriptors_left_never_hangs_or_fails_a_forward(hf_dir, converted) -> None:
+    ref = models.pretrained(transformers.LlamaForCausalLM, hf_dir("llama"))
+    model = pylomin.load_streaming(converted("llama"), transformers.LlamaForCausalLM, prefetch=2, memory_budget=0)
+    x = models.ids()
+    gc.collect()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowest_free = os.open(os.devnull, os.O_RDONLY)  # open(2) takes the lowest free number
+    os.close(lowest_free)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # no descriptor can be opened now
+    try:
+        with pytest.raises(OSError):
+            open(os.devnull)  # noqa: SIM115
+        with torch.no_grad():
+            for _ in range(2):
+                assert torch.equal(model(x).logits, ref(x).logits)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def reader_for(tmp_path: Path, **kwargs: object) -> tuple[Store, Prefetcher]:
+    torch.save({f"{i}.weight": torch.randn(64, 64) for i in range(4)}, tmp_path / "m.pt")
+    folder = pylomin.convert(tmp_path / "m.pt", tmp_path / "out", progress=False)
+    manifest = fmt.read(folder)
+    store = Store(folder, manifest)
+    ranges = {i: [store.location(f"{i}.weight")] for i in range(4)}
+    return store, Prefetcher(store, ranges, list(range(4)), max_units=2, max_bytes=2**30, **kwargs)  # type: ignore[arg-type]
+
+
+def test_entering_units_after_close_never_waits(tmp_path: Path) -> None:
+    store, reader = reader_for(tmp_path)
+    reader.close()
+    for target in (0, 1, 2, 3, 0):  # nobody reads these any more: each is paged in on demand
+        reader.enter(target)
+    assert not reader._queue and not reader._pending
+    store.close()
+
+
+def test_close_on_the_reader_thread_returns(tmp_path: Path) -> None:
+    # A garbage collection on the reader thread can run a model's finalizer (which closes its reader)
+    # anywhere, inside the reader's lock too.
+    closed = threading.Event()
+    reader: Prefetcher
+
+    def stage(target: int) -> None:
+        with reader._lock:
+            reader.close()
+        closed.set()
+
+    store, reader = reader_for(tmp_path, stage=stage)
+    reader.enter(0)  # queues 1 and 2; staging 1 closes the reader from its own thread
+    assert closed.wait(10)
+    reader._thread.join(10)
+    assert not reader._thread.is_alive()
+    reader.enter(1)
+    reader.enter(2)
+    store.close()
+
+
+def test_a_failed_memory_recheck_leaves_the_pass_counts_whole(hf_dir, converted, tmp_path: Path) -> None:
+    folder = converted("gpt2")
+    ref = models.pretrained(transformers.GPT2LMHeadModel, hf_dir("gpt2"))
+    model = pylomin.load_streaming(folder, transformers.GPT2LMHeadModel, memory_budget="auto", prefetch=2)
+    manager = stream_of(model).manager
+    adaptive = manager.adaptive
+    assert adaptive is not None and manager.prefetcher is not None
+
+    def vanished() -> Memory:  # the cgroup's files went away between two forwards
+        raise OSError(errno.ENOENT, "No such file or directory", "/sys/fs/cgroup/memory.max")
+
+    adaptive.read = vanished
+    adaptive.checked_at -= 10
+    x = models.ids()
+    with torch.no_grad(), pytest.raises(OSError, match="memory.max"):
+        model(x)
+    assert manager._passes == 0 and manager.prefetcher._passes == 0
+    adaptive.read = read_memory
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, ref(x).logits)
+    assert manager._passes == 0 and manager.prefetcher._passes == 0
+
+
+def test_releasing_a_tensor_keeps_the_pages_it_shares_with_a_neighbour(tmp_path: Path) -> None:
+    # Two tensors in one file, the first ending inside a page the second begins in.
+    torch.save({"a.weight": torch.randn(1500), "a.bias": torch.randn(3000)}, tmp_path / "m.pt")
+    folder = pylomin.convert(tmp_path / "m.pt", tmp_path / "out", progress=False)
+    manifest = fmt.read(folder)
+    with Store(folder, manifest, drop_page_cache=False) as store:
+        (file, a_at, a_len), (_, b_at, b_len) = store.location("a.weight"), store.location("a.bias")
+        first, second = (a_at, a_len), (b_at, b_len)
+        if first[0] > second[0]:
+            first, second = second, first
+        assert first[0] + first[1] <= second[0] and (first[0] + first[1]) // PAGE == second[0] // PAGE
+        store.prefetch(file, 0, manifest.units[0].size)
+        shared = (first[0] + first[1]) // PAGE
+        assert mapped_bytes(folder) > (shared + 1) * PAGE
+        store.done(file, *second)
+        # Pages 0..shared hold the header and the first tensor: they stay mapped; the rest goes.
+        assert mapped_bytes(folder) == (shared + 1) * PAGE
+
+
+def test_building_on_meta_leaves_other_threads_modules_real() -> None:
+    inside, built = threading.Event(), threading.Event()
+    other: list[nn.Linear] = []
+
+    def elsewhere() -> None:
+        inside.wait(10)
+        other.append(nn.Linear(4, 4))
+        built.set()
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    with params_on_meta():
+        mine = nn.Linear(4, 4)
+        inside.set()
+        assert built.wait(10)
+    thread.join()
+    assert mine.weight.is_meta
+    assert not other[0].weight.is_meta and not other[0].bias.is_meta

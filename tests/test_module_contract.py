@@ -1,0 +1,67 @@
+"""A streamed model is an ordinary module where it can be, and says why not where it cannot."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import pylomin
+from tests import models
+
+
+@pytest.mark.parametrize("memory_budget", [0, "auto"])
+def test_a_forward_after_unload_says_the_model_was_unloaded(converted, memory_budget: object) -> None:
+    model = pylomin.load_streaming(converted("llama"), transformers.LlamaForCausalLM, memory_budget=memory_budget)
+    pylomin.unload_(model)
+    with pytest.raises(pylomin.PylominError, match=r"was unloaded by `pylomin.unload_`.*load_streaming"):
+        model(models.ids())
+
+
+def test_moving_where_it_already_is_is_a_no_op_and_elsewhere_says_how(hf_dir, converted) -> None:
+    ref = models.pretrained(transformers.LlamaForCausalLM, hf_dir("llama"))
+    model = pylomin.load_streaming(converted("llama"), transformers.LlamaForCausalLM, memory_budget=0)
+    assert model.to("cpu") is model and model.cpu() is model and model.float() is model
+    assert model.to(torch.device("cpu"), torch.float32) is model and model.to(dtype=torch.float32) is model
+    with pytest.raises(pylomin.PylominError, match=r"runs on `cpu`.*load_streaming\(\.\.\., device='cuda:1'\)"):
+        model.to("cuda:1")
+    with pytest.raises(pylomin.PylominError, match=r"dtype=torch.float16"):
+        model.half()
+    with torch.no_grad():
+        assert torch.equal(model(models.ids()).logits, ref(models.ids()).logits)
+
+
+def test_state_dict_holds_the_real_tensors_and_save_pretrained_round_trips(hf_dir, converted, tmp_path: Path) -> None:
+    ref = models.pretrained(transformers.GPT2LMHeadModel, hf_dir("gpt2"))
+    model = pylomin.load_streaming(converted("gpt2"), transformers.GPT2LMHeadModel, memory_budget=0)
+    state, want = model.state_dict(), ref.state_dict()
+    assert state.keys() == want.keys()
+    for key, value in state.items():
+        assert not value.is_meta and torch.equal(value, want[key]), key
+    # Tied names share one tensor, as they share one parameter.
+    assert state["lm_head.weight"] is state["transformer.wte.weight"]
+    block = model.transformer.h[1].state_dict()
+    assert torch.equal(block["mlp.c_fc.weight"], want["transformer.h.1.mlp.c_fc.weight"])
+    model.save_pretrained(tmp_path / "saved")
+    again = models.pretrained(transformers.GPT2LMHeadModel, tmp_path / "saved")
+    with torch.no_grad():
+        assert torch.equal(again(models.ids()).logits, ref(models.ids()).logits)
+
+
+def test_training_is_refused_with_the_reason(converted) -> None:
+    model = pylomin.load_streaming(converted("llama"), transformers.LlamaForCausalLM, memory_budget=0)
+    out = model(models.ids(), labels=models.ids())
+    with pytest.raises(pylomin.PylominError, match="for inference.*torch.no_grad"):
+        out.loss.backward()
+
+
+def test_pickling_says_what_to_save_instead(converted) -> None:
+    model = pylomin.load_streaming(converted("llama"), transformers.LlamaForCausalLM)
+    assert type(model).__name__ == "LlamaForCausalLM" and isinstance(model, transformers.LlamaForCausalLM)
+    for dump in (pickle.dumps, copy.deepcopy, lambda m: torch.save(m, Path("/dev/null"))):
+        with pytest.raises(TypeError, match=r"cannot be pickled.*state_dict\(\)"):
+            dump(model)
