@@ -163,9 +163,9 @@ class HookManager:
                 stage=self.stager,
                 wide=self._wide_ranges(),
             )
-        if self.prefetcher is not None or self.adaptive is not None:
-            self._handles.append(self.root.register_forward_pre_hook(self._begin_pass, with_kwargs=True))
-            self._handles.append(self.root.register_forward_hook(self._end_pass, always_call=True))
+        # The pass hooks come first, so that an interrupted call is recovered before any unit's own hook runs.
+        self._handles.append(self.root.register_forward_pre_hook(self._begin_pass, with_kwargs=True))
+        self._handles.append(self.root.register_forward_hook(self._end_pass, always_call=True))
         for module in self.order:
             self._handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._post, always_call=True))
