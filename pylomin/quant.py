@@ -8,6 +8,9 @@ payload and its scales, mapped and paged like any other parameters.
 from __future__ import annotations
 
 import functools
+import logging
+import os
+import platform
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -227,7 +230,18 @@ class Int8Linear(QuantLinear):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and x.shape[0] < PROMPT_ROWS:
-            return torch.ops.aten._weight_int8pack_mm(x.to(KERNEL_DTYPE).contiguous(), self.weight, self.scales)
+            x = x.to(KERNEL_DTYPE).contiguous()
+            weight: torch.Tensor = self.weight
+            # The kernel segfaults (torch 2.13, measured) on a bf16 input not 32-byte aligned with
+            # AVX-512, not 16 with AVX2, even one row; and on an int8 weight not 16-byte aligned with
+            # AVX-512, from 4 rows. Its result does not depend on the address, so what is not aligned
+            # is copied: torch allocates at 64 bytes. (A weight lies unaligned in a unit file written
+            # before pylomin aligned every tensor to 64 bytes.)
+            if x.data_ptr() % 32:
+                x = x.clone()
+            if weight.data_ptr() % 16:
+                weight = weight.clone()
+            return torch.ops.aten._weight_int8pack_mm(x, weight, self.scales)
         # Prompts on the CPU, and CUDA: the int8 values cast (bf16 on the CPU) and the scales applied
         # to the output, [rows, out], not to the weight, [out, in]: one pass over the weight fewer,
         # and the weight's passes are what a prompt's time goes to here (memory-bound).
@@ -376,14 +390,35 @@ def swap_(model: nn.Module, quantization: Quantization, folder: object) -> None:
 
 
 _CHECKED: dict[str, str | None] = {}
+# torch builds these kernels once per CPU capability and runs the best the CPU has, or the one
+# ATEN_CPU_CAPABILITY names; on x86 its DEFAULT build is scalar code. On the AMD EPYC of docs/design.md,
+# an 8192x2048 weight at 1 / 16 / 63 rows: int8 16 / 120 / 480 ms and int4 15 / 270 / 1080 ms there,
+# against 0.4 / 3.5 / 14 ms (int8, AVX-512) and fp32 F.linear's 3.6 / 10.6 / 20 ms.
+_SCALAR_CAPABILITY = "DEFAULT"
+_SCALAR_SLOWDOWN = "4-55x"
 
 
 def check_kernels(scheme: Scheme, pack: str | None = None, folder: object = None) -> None:
     """Refuse a scheme this torch and CPU cannot run correctly: the kernel is tried once per process
-    on a small product against the dequantized reference; int4 must be packed as this machine packs."""
+    on a small product against the dequantized reference; int4 must be packed as this machine packs.
+    Warn where torch runs the kernel as scalar code (slower than the model unquantized)."""
     key = str(scheme)
     if key not in _CHECKED:
+        # In this process: a fresh interpreter to contain a crash costs 1.3-1.5 s (import torch), the
+        # probe 1-2 ms; the kernel crashes only on unaligned tensors, and `_matmul` never passes one.
         _CHECKED[key] = _try_kernel(scheme)
+        capability = torch.backends.cpu.get_cpu_capability()
+        if _CHECKED[key] is None and capability == _SCALAR_CAPABILITY and platform.machine() in ("x86_64", "AMD64"):
+            asked = os.environ.get("ATEN_CPU_CAPABILITY")
+            logging.getLogger(__name__).warning(
+                "torch runs its %s kernel as scalar code here (CPU capability %s%s): measured %s slower than "
+                "the model unquantized in fp32; %s, or convert the model without --quantize",
+                scheme,
+                capability,
+                f", as ATEN_CPU_CAPABILITY={asked} asks" if asked else "",
+                _SCALAR_SLOWDOWN,
+                "unset ATEN_CPU_CAPABILITY" if asked else "run it on a CPU with AVX2",
+            )
     if _CHECKED[key] is not None:
         raise PylominError(
             f"weights quantized as {scheme} cannot run with torch {torch.__version__} on this machine "
@@ -400,7 +435,8 @@ def check_kernels(scheme: Scheme, pack: str | None = None, folder: object = None
 def _try_kernel(scheme: Scheme) -> str | None:
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(64, 256, generator=gen)
-    x = torch.randn(3, 256, generator=gen)
+    # 5 rows: the int8 kernel's path for 4+ rows (where an unaligned weight crashes it) and a 1-row rest.
+    x = torch.randn(5, 256, generator=gen)
     try:
         linear = nn.Linear(256, 64, bias=False)
         linear.weight.data = w

@@ -6,6 +6,7 @@ import ctypes
 import mmap
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -56,6 +57,29 @@ def llama() -> transformers.LlamaForCausalLM:
 
 
 HF_MODELS = {"bert": bert, "gpt2": gpt2, "llama": llama}
+
+
+def pretrained(cls: Any, folder: Path | str, **kwargs: Any) -> Any:
+    """`cls.from_pretrained(folder, **kwargs)` in eval mode, its weights copied into memory torch allocated.
+
+    The reference that streamed models are compared with. `from_pretrained` leaves the weights as views
+    into the mapped model.safetensors, placed by the length of its JSON header (test_quant's Llama: from
+    byte 2200, every weight at 24 mod 64; its GPT-2: 8 mod 64). Where MKL takes its generic path (an AMD
+    EPYC with AVX-512), a one-row fp32 product rounds differently by the weight's 16-byte alignment, so
+    such a reference differed from the same weights at 64 bytes by an ulp (lm_head; GotOcr2's
+    projector). torch's allocator aligns to 64 bytes, as the unit files do.
+    """
+    model = cls.from_pretrained(folder, **kwargs).eval()
+    copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (original kept alive, copy)
+    with torch.no_grad():
+        for p in model.parameters():  # one per tied weight: the ties stay
+            p.data = p.data.clone()
+            assert p.data_ptr() % 64 == 0, "torch's CPU allocator no longer aligns to 64 bytes"
+        for module in model.modules():
+            for name, b in module._buffers.items():
+                if b is not None:  # a buffer shared by several modules stays shared
+                    module._buffers[name] = copies.setdefault(id(b), (b, b.clone()))[1]
+    return model
 
 
 class Block(nn.Module):

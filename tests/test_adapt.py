@@ -111,7 +111,7 @@ def test_a_window_that_would_not_fit_shrinks() -> None:
 
 def test_auto_on_a_roomy_machine_keeps_the_model_resident(hf_dir, converted) -> None:
     folder = converted("gpt2")
-    ref = transformers.GPT2LMHeadModel.from_pretrained(hf_dir("gpt2")).eval()
+    ref = models.pretrained(transformers.GPT2LMHeadModel, hf_dir("gpt2"))
     model = pylomin.load_streaming(folder, transformers.GPT2LMHeadModel)  # defaults: "auto"
     manager = stream_of(model).manager
     m = fmt.read(folder)
@@ -133,7 +133,7 @@ def fake_machine(root: Path, available: int) -> Path:
 
 def test_the_resident_part_follows_the_memory_available(hf_dir, converted, tmp_path: Path) -> None:
     folder = converted("gpt2")
-    ref = transformers.GPT2LMHeadModel.from_pretrained(hf_dir("gpt2")).eval()
+    ref = models.pretrained(transformers.GPT2LMHeadModel, hf_dir("gpt2"))
     model = pylomin.load_streaming(folder, transformers.GPT2LMHeadModel)
     manager = stream_of(model).manager
     adaptive = manager.adaptive

@@ -23,7 +23,7 @@ def test_a_forward_reads_only_the_chosen_experts(disk_dir: Path) -> None:
     src = disk_dir / "src"
     mixtral(experts=8, hidden=64, intermediate=64).save_pretrained(src)
     folder = pylomin.convert(src, disk_dir / "out", progress=False)
-    ref = transformers.MixtralForCausalLM.from_pretrained(src).eval()
+    ref = models.pretrained(transformers.MixtralForCausalLM, src)
     models.evict([folder / u.file for u in fmt.read(folder).units])
     model = pylomin.load_streaming(folder, transformers.MixtralForCausalLM, drop_page_cache=False, memory_budget=0)
     chosen: dict[str, set[int]] = {}
@@ -80,7 +80,7 @@ def test_a_budget_keeps_the_most_used_experts_resident_and_drops_the_others(disk
     src = disk_dir / "src"
     mixtral(experts=8, hidden=64, intermediate=64).save_pretrained(src)
     folder = pylomin.convert(src, disk_dir / "out", progress=False)
-    ref = transformers.MixtralForCausalLM.from_pretrained(src).eval()
+    ref = models.pretrained(transformers.MixtralForCausalLM, src)
     m = fmt.read(folder)
     fused = [
         i for u in m.units for n, i in u.tensors.items() if n.endswith(("experts.gate_up_proj", "experts.down_proj"))
@@ -155,7 +155,7 @@ def test_a_prompt_reads_experts_ahead_whole_and_a_decode_token_reads_only_the_ch
     src = disk_dir / "src"
     mixtral(experts=8, hidden=64, intermediate=64).save_pretrained(src)
     folder = pylomin.convert(src, disk_dir / "out", progress=False)
-    ref = transformers.MixtralForCausalLM.from_pretrained(src).eval()
+    ref = models.pretrained(transformers.MixtralForCausalLM, src)
     model = pylomin.load_streaming(folder, transformers.MixtralForCausalLM, memory_budget=0)
     whole = 8 * (64 * 128 + 64 * 64) * 4  # both fused tensors of one layer
     prompt, token = models.ids(batch=1, seq=16), models.ids(batch=1, seq=1)  # 16 tokens x top-2 >= 2 x 8 experts

@@ -124,7 +124,7 @@ def test_reader_error_surfaces_in_the_calling_thread(tmp_path: Path) -> None:
 
 
 def test_exception_mid_forward_then_correct_forward(hf_dir, converted) -> None:
-    ref = transformers.LlamaForCausalLM.from_pretrained(hf_dir("llama"), dtype=torch.float32).eval()
+    ref = models.pretrained(transformers.LlamaForCausalLM, hf_dir("llama"), dtype=torch.float32)
     model = pylomin.load_streaming(converted("llama"), transformers.LlamaForCausalLM, prefetch=3, memory_budget=0)
     with torch.no_grad():
         model(models.ids())
@@ -158,7 +158,7 @@ def test_shutdown_joins_the_reader(converted) -> None:
 
 
 def test_budget_larger_than_the_model_keeps_everything_resident(hf_dir, converted) -> None:
-    ref = transformers.GPT2LMHeadModel.from_pretrained(hf_dir("gpt2"), dtype=torch.float32).eval()
+    ref = models.pretrained(transformers.GPT2LMHeadModel, hf_dir("gpt2"), dtype=torch.float32)
     model = pylomin.load_streaming(converted("gpt2"), transformers.GPT2LMHeadModel, memory_budget="1GiB")
     assert all(p.device.type == "cpu" for p in model.parameters())
     assert model.lm_head.weight is model.transformer.wte.weight
@@ -174,7 +174,7 @@ def test_partial_budget_pins_tied_weights_first_and_lookup_tables_last(hf_dir, c
     folder = converted("gpt2")
     index = fmt.read(folder).tensor_index()
     wte, wpe = index["transformer.wte.weight"][1].length, index["transformer.wpe.weight"][1].length
-    ref = transformers.GPT2LMHeadModel.from_pretrained(hf_dir("gpt2"), dtype=torch.float32).eval()
+    ref = models.pretrained(transformers.GPT2LMHeadModel, hf_dir("gpt2"), dtype=torch.float32)
     model = pylomin.load_streaming(folder, transformers.GPT2LMHeadModel, memory_budget=wte + wpe)
     resident = {n for n, p in model.named_parameters() if p.device.type == "cpu"}
     # The tied table (read whole by the head, looked up by the embedding) first; the position

@@ -18,6 +18,7 @@ from pylomin import cli, quant
 from pylomin import manifest as fmt
 from pylomin.errors import PylominError
 from pylomin.quant import Scheme
+from tests import models
 
 VOCAB = 512
 
@@ -85,21 +86,29 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     return make
 
 
+MODELS = [
+    ("llama", transformers.LlamaForCausalLM, "model.layers.0.mlp.up_proj"),
+    ("bert", transformers.BertModel, "encoder.layer.0.intermediate.dense"),  # biases
+    ("gpt2", transformers.GPT2LMHeadModel, "transformer.h.0.mlp.c_fc"),  # Conv1D, weight [in, out]
+]
+# Run again under other CPU capabilities by `make test`: each scheme, each kind of layer, once.
+BITEXACT = {("llama", "int8"), ("llama", "int4"), ("bert", "int8"), ("gpt2", "int4-g32")}
+
+
 # Prompt lengths on both sides of PROMPT_ROWS: the kernel path (decode) and the dequantized one.
-@pytest.mark.parametrize("spec", ["int8", "int4", "int4-g32", "int4-g128"])
 @pytest.mark.parametrize(
-    ("name", "cls", "layer"),
+    ("spec", "name", "cls", "layer"),
     [
-        ("llama", transformers.LlamaForCausalLM, "model.layers.0.mlp.up_proj"),
-        ("bert", transformers.BertModel, "encoder.layer.0.intermediate.dense"),  # biases
-        ("gpt2", transformers.GPT2LMHeadModel, "transformer.h.0.mlp.c_fc"),  # Conv1D, weight [in, out]
+        pytest.param(spec, *m, id=f"{m[0]}-{spec}", marks=[pytest.mark.bitexact] if (m[0], spec) in BITEXACT else [])
+        for m in MODELS
+        for spec in ("int8", "int4", "int4-g32", "int4-g128")
     ],
 )
 def test_a_streamed_quantized_folder_equals_the_quantized_model_in_memory(
     saved: Callable[[str], Path], tmp_path: Path, spec: str, name: str, cls: type, layer: str
 ) -> None:
     folder = pylomin.convert(saved(name), tmp_path / "out", quantize=spec, progress=False)
-    ref = cls.from_pretrained(saved(name)).eval()
+    ref = models.pretrained(cls, saved(name))
     full = output(ref, ids(20))
     skipped = pylomin.quantize_(ref, spec)
     assert set(skipped) == set(fmt.read(folder).quantization.skipped)  # type: ignore[union-attr]
@@ -142,10 +151,11 @@ def test_the_manifest_records_each_layer_and_the_files_hold_payload_and_scales(
     assert packed / linear < 0.17  # 4 bits of 32, and the scales
 
 
+@pytest.mark.bitexact
 def test_the_lm_head_is_quantized_when_asked_and_a_tied_one_never(saved: Callable[[str], Path], tmp_path: Path) -> None:
     folder = pylomin.convert(saved("llama"), tmp_path / "head", quantize="int8", quantize_head=True, progress=False)
     assert "lm_head" in fmt.read(folder).quantization.modules  # type: ignore[union-attr]
-    ref = transformers.LlamaForCausalLM.from_pretrained(saved("llama")).eval()
+    ref = models.pretrained(transformers.LlamaForCausalLM, saved("llama"))
     pylomin.quantize_(ref, "int8", head=True)
     model = pylomin.load_streaming(folder, transformers.LlamaForCausalLM)
     assert torch.equal(output(model, ids(3)), output(ref, ids(3)))
@@ -155,7 +165,7 @@ def test_the_lm_head_is_quantized_when_asked_and_a_tied_one_never(saved: Callabl
     assert q is not None and q.skipped["lm_head"] == "tied to another parameter"
     model = pylomin.load_streaming(tied, transformers.LlamaForCausalLM)
     assert type(model.lm_head) is torch.nn.Linear
-    ref = transformers.LlamaForCausalLM.from_pretrained(saved("tied")).eval()
+    ref = models.pretrained(transformers.LlamaForCausalLM, saved("tied"))
     assert pylomin.quantize_(ref, "int8", head=True)["lm_head"] == "tied to another parameter"
     assert torch.equal(output(model, ids(3)), output(ref, ids(3)))
 
@@ -172,7 +182,7 @@ def test_layers_the_kernels_cannot_run_are_skipped_and_named(
     assert q.skipped["model.layers.0.mlp.up_proj"] == "out_features 200 is not a multiple of 16"
     assert "model.layers.0.self_attn.q_proj" in q.modules
     assert "model.layers.0.mlp.down_proj (in_features 200 is not a multiple of the group size 32)" in caplog.text
-    ref = transformers.LlamaForCausalLM.from_pretrained(saved("odd")).eval()
+    ref = models.pretrained(transformers.LlamaForCausalLM, saved("odd"))
     pylomin.quantize_(ref, "int4-g32")
     model = pylomin.load_streaming(folder, transformers.LlamaForCausalLM)
     assert isinstance(model.model.layers[0].mlp.down_proj, torch.nn.Linear)
@@ -224,10 +234,11 @@ def test_scheme_parse_refuses(spec: str, group: int | None, message: str) -> Non
         Scheme.parse(spec, group)
 
 
+@pytest.mark.bitexact
 def test_a_scale_dtype_survives_a_dtype_cast_at_load(saved: Callable[[str], Path], tmp_path: Path) -> None:
     folder = pylomin.convert(saved("bert"), tmp_path / "out", quantize="int8", progress=False)
     model = pylomin.load_streaming(folder, transformers.BertModel, dtype="float16", memory_budget=0)
-    ref = transformers.BertModel.from_pretrained(saved("bert")).eval()
+    ref = models.pretrained(transformers.BertModel, saved("bert"))
     pylomin.quantize_(ref, "int8")
     ref = ref.to(torch.float16)
     layer = model.encoder.layer[0].intermediate.dense
@@ -295,6 +306,7 @@ def test_quantizing_a_bare_state_dict_says_what_it_needs(tmp_path: Path) -> None
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.bitexact
 def test_lazy_loading_spills_quantized_units() -> None:
     model = llama()
     ref = copy.deepcopy(model)
@@ -325,6 +337,7 @@ def test_cli_convert_quantized(saved: Callable[[str], Path], tmp_path: Path, cap
     assert "group_size and quantize_head go with quantize=" in capsys.readouterr().err
 
 
+@pytest.mark.bitexact
 def test_checkpoints_converted_to_their_run_time_layout_quantize_by_their_run_time_names(tmp_path: Path) -> None:
     from tests.test_layout import mixtral
 
@@ -343,7 +356,7 @@ def test_checkpoints_converted_to_their_run_time_layout_quantize_by_their_run_ti
         folder = pylomin.convert(tmp_path / f"src{i}", tmp_path / f"out{i}", quantize="int8", progress=False)
         q = fmt.read(folder).quantization
         assert q is not None and q.modules, cls
-        ref = cls.from_pretrained(tmp_path / f"src{i}").eval()
+        ref = models.pretrained(cls, tmp_path / f"src{i}")
         assert set(pylomin.quantize_(ref, "int8")) == set(q.skipped)
         assert set(q.modules) == {n for n, m in ref.named_modules() if isinstance(m, quant.QuantLinear)}
         streamed = pylomin.load_streaming(folder, cls, memory_budget=0)

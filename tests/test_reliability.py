@@ -157,7 +157,7 @@ def test_disk_full_is_a_clear_error_and_leaves_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_four_threads_by_25_forwards(hf_dir, converted) -> None:
-    ref = transformers.GPT2LMHeadModel.from_pretrained(hf_dir("gpt2"), dtype=torch.float32).eval()
+    ref = models.pretrained(transformers.GPT2LMHeadModel, hf_dir("gpt2"), dtype=torch.float32)
     model = pylomin.load_streaming(converted("gpt2"), transformers.GPT2LMHeadModel, prefetch=3)
     inputs = [models.ids(1 + s % 3, 5 + s, seed=s) for s in range(5)]
     with torch.no_grad():
