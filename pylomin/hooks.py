@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import threading
 import time
@@ -31,8 +32,20 @@ class Slot:
     stored_name: str
     placeholder: nn.Parameter  # on meta: what the owners hold while the parameter is released
     owners: list[tuple[nn.Module, str]] = field(default_factory=list)
-    refs: int = 0
+    # The calls holding it now, by token: adding or removing a token twice changes nothing, so a
+    # call interrupted anywhere in its hooks is given back exactly, by whoever finishes its work.
+    holders: set[int] = field(default_factory=set)
     pinned: bool = False  # kept materialized for the model's lifetime (memory budget)
+
+    @property
+    def refs(self) -> int:
+        """How many calls hold it, plus one while it is pinned."""
+        return len(self.holders) + self.pinned
+
+    @property
+    def released(self) -> bool:
+        """Whether an owner holds the meta placeholder (all of them, unless a release was interrupted)."""
+        return any(module._parameters.get(attr) is self.placeholder for module, attr in self.owners)
 
 
 def _refuse_training(grad: torch.Tensor) -> torch.Tensor:
@@ -45,11 +58,13 @@ def _refuse_training(grad: torch.Tensor) -> torch.Tensor:
 
 @dataclass(eq=False)
 class _Calls:
-    """One thread's hooked calls: the units it runs now (outermost first) and what each holds."""
+    """One thread's hooked calls: the units it runs now (outermost first), each with its holder token.
 
-    frames: list[tuple[nn.Module, list[Slot]]] = field(default_factory=list)
-    in_pass: bool = False  # a forward of the root module runs in this thread (counted in `_passes`)
-    reading: bool = False  # ... and the reader counts it too (`Prefetcher.begin_pass`)
+    A frame leaves the stack only after what it holds is given back, so a frame still there after
+    an interrupt says exactly what is left to give back. Its pass is open while it is in `_open`.
+    """
+
+    frames: list[tuple[nn.Module, int]] = field(default_factory=list)
 
 
 class HookManager:
@@ -111,7 +126,8 @@ class HookManager:
         self.stager: Stager | None = None
         self.adaptive: Adaptive | None = None  # memory_budget="auto": re-plans between forwards
         self.memory_note = ""  # what the memory policy chose, in words (profiler, `pylomin run`)
-        self._passes = 0  # root forwards running now, all threads
+        self._open: set[_Calls] = set()  # the threads whose root forward runs now
+        self._tokens = itertools.count()  # holder tokens, one per hooked call
 
     @property
     def pinned_bytes(self) -> int:
@@ -127,7 +143,6 @@ class HookManager:
                 if slot.stored_name not in self.plan.resident or slot.pinned:
                     continue
                 slot.pinned = True
-                slot.refs += 1
                 copied = self._materialize(slot)
                 # A copy (device or dtype) is the resident one: faulting the file pages back in would
                 # keep a second, useless copy in host memory. Lookup tables are read by rows on use.
@@ -187,9 +202,9 @@ class HookManager:
         with self._lock:
             for slots in self.targets.values():
                 for slot in slots:
-                    if slot.refs:
-                        slot.refs = 0
-                        slot.pinned = False
+                    slot.holders.clear()
+                    slot.pinned = False
+                    if not slot.released:
                         self._release([slot])
                     if restore:
                         # As loaded: the placeholder carries the dtype (integers are never cast).
@@ -212,8 +227,7 @@ class HookManager:
                 for slot in self.targets[module]:
                     if slot.pinned and slot.stored_name not in plan.resident:
                         slot.pinned = False
-                        slot.refs -= 1
-                        if slot.refs == 0:
+                        if not slot.holders:
                             gone.append(slot)
             self._release(gone)
             for g, e in self.expert_cache.resize(plan.expert_cache_bytes):
@@ -254,49 +268,51 @@ class HookManager:
             calls = self._local.calls = _Calls()
         return calls
 
+    @property
+    def passes(self) -> int:
+        """Root forwards running now, all threads."""
+        return len(self._open)
+
     def _begin_pass(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         calls = self._calls()
-        if calls.in_pass or calls.frames:  # the root forward runs outermost: these are an interrupted call's
+        if calls in self._open or calls.frames:  # the root forward runs outermost: an interrupted call's
             self._recover(calls, 0)
         with self._lock:
-            alone = self._passes == 0
-            self._passes += 1
-        calls.in_pass = True
+            alone = not self._open
+            self._open.add(calls)
         if alone and self.adaptive is not None:
             self.adaptive.maybe_recheck()  # re-plans through `replan` when memory moved
         if self.prefetcher is not None:
-            self.prefetcher.begin_pass(wide=self._wide_pass(args, kwargs))
-            calls.reading = True
+            self.prefetcher.begin_pass(calls, wide=self._wide_pass(args, kwargs))
 
     def _end_pass(self, module: nn.Module, args: Any, output: Any) -> None:
         self._close_pass(self._calls(), interrupted=False)
 
     def _close_pass(self, calls: _Calls, *, interrupted: bool) -> None:
-        """End this thread's pass: undo exactly what `_begin_pass` did, however far it got."""
-        if not calls.in_pass:
-            return
-        calls.in_pass = False
+        """End this thread's pass: undo what `_begin_pass` did, however far it got (each step is idempotent)."""
+        if self.prefetcher is not None:
+            self.prefetcher.end_pass(calls, interrupted=interrupted)
         with self._lock:
-            self._passes -= 1
-        if calls.reading:
-            calls.reading = False
-            if self.prefetcher is not None:
-                self.prefetcher.end_pass(interrupted=interrupted)
+            self._open.discard(calls)
 
     def _recover(self, calls: _Calls, depth: int) -> None:
         """Give back what this thread's interrupted calls from `depth` up still hold; from 0, end their pass too."""
-        stale, calls.frames[depth:] = calls.frames[depth:], []
+        stale = calls.frames[depth:]
         with self._lock:
-            done = []
-            for _, held in stale:
-                for slot in held:
-                    slot.refs -= 1
-                    if slot.refs == 0:
-                        done.append(slot)
-            self._release(done)
+            for module, token in stale:
+                self._give_back(module, token)
+        del calls.frames[depth:]
         if depth == 0:
             self._close_pass(calls, interrupted=True)
         logger.info("pylomin: a forward was interrupted; released what it held (%d units)", len(stale))
+
+    def _give_back(self, module: nn.Module, token: int) -> None:
+        # Under the lock. Whatever no call holds any more goes, including a slot whose release an
+        # interrupt cut short.
+        slots = self.targets[module]
+        for slot in slots:
+            slot.holders.discard(token)
+        self._release([s for s in slots if not s.holders and not s.pinned and not s.released])
 
     def _wide_pass(self, args: Any, kwargs: Any) -> bool:
         """Whether a pass of these inputs chooses most experts in every layer: T tokens routed to k
@@ -313,23 +329,22 @@ class HookManager:
     def _pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         rec = self.recorder
         t0 = time.perf_counter_ns() if rec is not None else 0
-        # What this call holds, so the post-hook (which runs even when this one raises) gives back
-        # exactly that, never a reference another thread holds on the same slot.
-        frames = self._calls().frames
-        for depth, (running, _) in enumerate(frames):
+        # This call's token marks what it holds, so the post-hook (which runs even when this one
+        # raises) gives back exactly that, never what another thread holds on the same slot.
+        calls = self._calls()
+        for depth, (running, _) in enumerate(calls.frames):
             if running is module:  # a unit never runs inside itself: that call was interrupted
-                self._recover(self._calls(), depth)
+                self._recover(calls, depth)
                 break
-        held: list[Slot] = []
-        frames.append((module, held))
+        token = next(self._tokens)
+        calls.frames.append((module, token))
         if self.prefetcher is not None:
             self.prefetcher.enter(self.index[module])  # may wait for this unit's read; outside the lock
         t1 = time.perf_counter_ns() if rec is not None else 0
         with self._lock:
             for slot in self.targets[module]:
-                slot.refs += 1
-                held.append(slot)
-                if slot.refs == 1:
+                slot.holders.add(token)
+                if slot.released:  # also where a call interrupted while materializing it left it
                     self._materialize(slot)
         if rec is not None:
             t2 = time.perf_counter_ns()
@@ -344,14 +359,9 @@ class HookManager:
         frames = self._calls().frames
         if not frames or frames[-1][0] is not module:
             return  # our pre-hook did not run for this call (a hook before it raised): nothing is held
-        _, held = frames.pop()
         with self._lock:
-            done = []
-            for slot in held:
-                slot.refs -= 1
-                if slot.refs == 0:
-                    done.append(slot)
-            self._release(done)
+            self._give_back(module, frames[-1][1])
+        frames.pop()  # last: interrupted before this, the frame is given back again by `_recover`
         if rec is not None:
             i = self.index[module]
             rec.end_compute(i, t0)

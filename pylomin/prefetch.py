@@ -80,10 +80,11 @@ class Prefetcher:
         self._queue: collections.deque[_Job] = collections.deque()
         self._pending: dict[int, _Job] = {}
         self._done: list[Range] = []  # ranges released by compute, dropped by the reader
-        self._passes = 0
+        self._open: set[object] = set()  # the passes running now, by token
         self._recording: list[int] | None = None
         self._seen: set[int] = set()
         self._closed = False
+        self._running: _Job | None = None  # the job the reader works on now
         self._stopped: BaseException | None = None  # why the reader thread ended, once it has
         self._thread = threading.Thread(target=self._run, name="pylomin-prefetch", daemon=True)
         self._thread.start()
@@ -94,33 +95,42 @@ class Prefetcher:
 
     # --- called from the hooks (any thread) ---------------------------------------------------
 
-    def begin_pass(self, *, wide: bool = False) -> None:
-        """The root module starts a forward: start recording the order if it runs alone.
+    def begin_pass(self, token: object, *, wide: bool = False) -> None:
+        """The root module starts a forward (`token`: its thread's): record the order if it runs alone.
 
         `wide`: its tokens will choose most experts; read them ahead whole with their units.
         """
         with self._lock:
-            self._passes += 1
-            self._recording = [] if self._passes == 1 else None
+            self._open.add(token)
+            alone = len(self._open) == 1
+            self._recording = [] if alone else None
             self._seen = set()
-            self._wide_pass = wide if self._passes == 1 else self._wide_pass or wide
+            self._wide_pass = wide if alone else self._wide_pass or wide
 
-    def end_pass(self, *, interrupted: bool = False) -> None:
-        """The root module's forward ended: keep the recorded order if it changed.
+    def end_pass(self, token: object, *, interrupted: bool = False) -> None:
+        """The forward of `token` ended: keep the recorded order if it changed. Twice: nothing more.
 
         `interrupted`: it never finished (a `KeyboardInterrupt`): its order is partial and is not
         kept, and when no other pass runs, reads queued for it that have not started are cancelled.
         """
         with self._lock:
-            self._passes -= 1
+            if token not in self._open:
+                return
+            self._open.discard(token)
             rec, self._recording = self._recording, None
-            if self._passes == 0:
-                self._wide_pass = False
-                if interrupted:
-                    self._cancel_queued()
-            if rec is not None and rec != self.order and self._passes == 0 and not interrupted:
+            if self._open:
+                return
+            self._wide_pass = False
+            if interrupted:
+                self._cancel_queued()
+            elif rec is not None and rec != self.order:
                 logger.debug("prefetch order recorded: %d targets", len(rec))
                 self._set_order(rec)
+
+    @property
+    def passes(self) -> int:
+        """Root forwards running now (`begin_pass` without its `end_pass`)."""
+        return len(self._open)
 
     def _cancel_queued(self) -> None:
         # Under the lock. A read in flight finishes; its pages go when that unit is next released.
@@ -138,7 +148,12 @@ class Prefetcher:
                 self._recording.append(target)
             self._schedule_after(target)
         if job is not None:
-            job.done.wait()  # set by the reader, by `close`, or when the reader ends for any reason
+            # Set by the reader, by `close`, or when the reader ends for any reason. A job neither
+            # queued nor being read (its queueing cut short by an interrupt) is not waited for.
+            while not job.done.wait(0.5):
+                with self._lock:
+                    if job is not self._running and job not in self._queue:
+                        break
             if job.error is not None:
                 file = job.ranges[0][0] if job.ranges else "?"
                 raise PylominError(
@@ -167,9 +182,11 @@ class Prefetcher:
                 break
             nbytes += size
             job = _Job(nxt, self.wide[nxt] if whole else self.ranges[nxt])
-            self._pending[nxt] = job
-            self._queue.append(job)
+            # In this order, a Ctrl-C between two of these statements never leaves a job waited for
+            # that the reader does not know of (the reader wakes once the lock is released).
             self._wake.notify()
+            self._queue.append(job)
+            self._pending[nxt] = job
 
     def resize(self, *, max_units: int, max_bytes: int, skip: set[int], wide: dict[int, list[Range]]) -> None:
         """A new read-ahead window, set of targets never read ahead and experts read whole (a re-plan)."""
@@ -228,6 +245,7 @@ class Prefetcher:
                     return
                 done, self._done = self._done, []
                 job: _Job | None = self._queue.popleft() if self._queue else None
+                self._running = job
             for r in done:  # a unit released and entered again since is refaulted, never wrong
                 try:
                     self.store.done(*r)

@@ -132,7 +132,7 @@ def child(folder: Path, case: str) -> dict[str, Any]:
         "prompt": r[1] - r[0],
         "decode": r[-1] - r[1],
         "tokens": out[0, PROMPT_TOKENS:].tolist(),
-        "passes_after": getattr(manager, "_passes", None),
+        "passes_after": getattr(manager, "passes", None),
     }
 
 

@@ -42,7 +42,14 @@ def test_gpu_check_dry_run_passes_every_phase_and_writes_its_files(tmp_path: Pat
     assert "tests/test_cuda.py::test_cuda_forward_and_generate_equal_in_memory[0]" in collected
     bench = json.loads((out / "bench.json").read_text())
     rows = {r["tier"]: r for r in bench["model"]["rows"]}
-    assert list(rows) == ["in memory", "pylomin host", "pylomin auto", "pylomin disk", "accelerate cpu_offload"]
+    assert list(rows) == [
+        "in memory",
+        "pylomin host",
+        "pylomin auto",
+        "pylomin disk",
+        "accelerate cpu_offload",
+        "in memory, again",
+    ]
     assert not [r for r in rows.values() if "error" in r or "skipped" in r]
     for tier in ("pylomin host", "pylomin auto", "pylomin disk"):
         assert rows[tier]["logits_equal"] and rows[tier]["tokens_equal"], rows[tier]

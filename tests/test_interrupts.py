@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import errno
 import gc
+import linecache
 import mmap
 import os
 import resource
 import shutil
+import sys
 import threading
+import types
 from pathlib import Path
 
 import pytest
@@ -52,6 +55,15 @@ def mapped_bytes(folder: Path) -> int:
     return sum(models.kib(m["Rss"]) for m in models.mappings_of(str(folder.resolve())))
 
 
+def settled(model: nn.Module) -> nn.Module:
+    """`model` once its reader has finished what it reads ahead for the next pass (it reads asynchronously)."""
+    reader = stream_of(model).manager.prefetcher
+    if reader is not None:
+        for job in list(reader._pending.values()):
+            assert job.done.wait(10)
+    return model
+
+
 @pytest.mark.parametrize("prefetch", [0, 2])
 def test_ctrl_c_mid_forward_then_the_next_forward_runs_as_on_a_fresh_model(hf_dir, converted, prefetch: int) -> None:
     folder = converted("llama")
@@ -61,19 +73,21 @@ def test_ctrl_c_mid_forward_then_the_next_forward_runs_as_on_a_fresh_model(hf_di
     x = models.ids()
     with torch.no_grad():
         model(x)  # records the order
+        settled(model)
         order = None if manager.prefetcher is None else list(manager.prefetcher.order)
-        after_a_forward = mapped_bytes(folder)  # the next pass's first units are read ahead already
+        after_a_forward = mapped_bytes(folder)  # with the next pass's first units, read ahead
         ctrl_c = CtrlC(model.model.layers[1].mlp)
         with pytest.raises(KeyboardInterrupt):
             model(x)
         assert held_slots(model)  # torch skipped every post-hook: what the interrupted units held is still held
         assert torch.equal(model(x).logits, ref(x).logits)
+    settled(model)
     assert held_slots(model) == []
     assert all(p.is_meta for p in model.parameters())
     assert mapped_bytes(folder) == after_a_forward
-    assert manager._passes == 0
+    assert manager.passes == 0
     if manager.prefetcher is not None:
-        assert manager.prefetcher._passes == 0 and manager.prefetcher.order == order
+        assert manager.prefetcher.passes == 0 and manager.prefetcher.order == order
     ctrl_c.handle.remove()
 
 
@@ -219,11 +233,11 @@ def test_a_failed_memory_recheck_leaves_the_pass_counts_whole(hf_dir, converted,
     x = models.ids()
     with torch.no_grad(), pytest.raises(OSError, match="memory.max"):
         model(x)
-    assert manager._passes == 0 and manager.prefetcher._passes == 0
+    assert manager.passes == 0 and manager.prefetcher.passes == 0
     adaptive.read = read_memory
     with torch.no_grad():
         assert torch.equal(model(x).logits, ref(x).logits)
-    assert manager._passes == 0 and manager.prefetcher._passes == 0
+    assert manager.passes == 0 and manager.prefetcher.passes == 0
 
 
 def test_releasing_a_tensor_keeps_the_pages_it_shares_with_a_neighbour(tmp_path: Path) -> None:
@@ -263,3 +277,78 @@ def test_building_on_meta_leaves_other_threads_modules_real() -> None:
     thread.join()
     assert mine.weight.is_meta
     assert not other[0].weight.is_meta and not other[0].bias.is_meta
+
+
+def interrupt_at_line(n: int, files: set[str]) -> tuple[object, list[int]]:
+    """A trace function raising `KeyboardInterrupt` at the `n`-th line run in `files`: Ctrl-C landing there."""
+    seen = [0]
+
+    def local(frame: types.FrameType, event: str, arg: object) -> object:
+        # Not at a `with` line: its line event also comes after `__enter__` and before `__exit__`,
+        # where the interpreter never delivers a signal (a lock would stay held only in this test).
+        if event == "line" and not linecache.getline(frame.f_code.co_filename, frame.f_lineno).lstrip().startswith(
+            "with "
+        ):
+            seen[0] += 1
+            if seen[0] == n:
+                raise KeyboardInterrupt
+        return local
+
+    def calls(frame: types.FrameType, event: str, arg: object) -> object:
+        return local if frame.f_code.co_filename in files else None
+
+    return calls, seen
+
+
+def test_ctrl_c_at_any_line_of_the_hooks_leaves_other_threads_right_and_nothing_held(hf_dir, converted) -> None:
+    # Ctrl-C lands between any two statements of the hooks, not only where a module raises: each line
+    # of the hooks and the reader's entry points that one forward runs is interrupted once. Another
+    # thread then runs the model while that call's leftovers are still there (only this thread
+    # recovers them), and this thread's next forward recovers them.
+    import pylomin.hooks
+    import pylomin.prefetch
+
+    files = {pylomin.hooks.__file__, pylomin.prefetch.__file__}
+    ref = models.pretrained(transformers.LlamaForCausalLM, hf_dir("llama"))
+    model = pylomin.load_streaming(converted("llama"), transformers.LlamaForCausalLM, prefetch=2, memory_budget=0)
+    manager = stream_of(model).manager
+    x = models.ids(1, 5)
+    with torch.no_grad():
+        want = ref(x).logits
+        tracer, seen = interrupt_at_line(-1, files)
+        sys.settrace(tracer)  # type: ignore[arg-type]
+        try:
+            model(x)
+        finally:
+            sys.settrace(None)
+    lines = seen[0]
+    assert 100 < lines < 2000, lines
+    for n in range(1, lines + 1):  # every line
+        tracer, _ = interrupt_at_line(n, files)
+        with torch.no_grad():
+            sys.settrace(tracer)  # type: ignore[arg-type]
+            try:
+                model(x)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.settrace(None)
+        other: list[object] = []
+
+        def elsewhere(other: list[object] = other) -> None:
+            try:
+                with torch.no_grad():
+                    other.append(model(x).logits)
+            except Exception as e:
+                other.append(e)
+
+        thread = threading.Thread(target=elsewhere)
+        thread.start()
+        thread.join(30)
+        assert other, f"line {n}: another thread's forward hangs"
+        assert isinstance(other[0], torch.Tensor) and torch.equal(other[0], want), (n, other[0])
+        with torch.no_grad():
+            assert torch.equal(model(x).logits, want), n
+        settled(model)
+        assert held_slots(model) == [] and manager.passes == 0, n
+        assert all(p.is_meta for p in model.parameters()), n
