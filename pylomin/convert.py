@@ -499,6 +499,8 @@ def _move_into_place(tmp: Path, out: Path, *, empty_at_start: tuple[int, int] | 
         except FileNotFoundError:
             continue
         is_dir = stat.S_ISDIR(st.st_mode)
+        if is_dir:  # a folder that is replaced keeps its mode, as `cp` into an existing folder keeps it
+            os.chmod(tmp, stat.S_IMODE(st.st_mode))
         if is_dir and _is_empty(out) and (overwrite or (st.st_dev, st.st_ino) == empty_at_start):
             try:  # rename(2) replaces an empty folder only: one that fills meanwhile is refused by the kernel
                 os.rename(tmp, out)

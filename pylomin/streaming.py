@@ -178,11 +178,19 @@ def load_streaming(
             f"quantize={quantize!r}, but `{folder}` holds {f'{held.scheme} weights' if held else 'unquantized weights'}; "
             f"a converted folder is loaded as it is: convert it with `pylomin-convert SRC OUT_DIR --quantize ...`"
         )
-    model = build_on_meta(model_cls, folder, options.dtype or stored_dtype(manifest))
-    layout.check(manifest.layout, model, folder)
-    if held is not None:
-        _prepare_quantized(model, held, folder, options.device)
-    return attach_(model, folder, manifest, options).eval()
+    try:
+        model = build_on_meta(model_cls, folder, options.dtype or stored_dtype(manifest))
+        layout.check(manifest.layout, model, folder)
+        if held is not None:
+            _prepare_quantized(model, held, folder, options.device)
+        return attach_(model, folder, manifest, options).eval()
+    except PylominError as e:
+        # A folder edited by hand (a unit removed with its entry) looks like the wrong class: say which it is.
+        try:
+            fmt.check_digest(folder)
+        except PylominError as edited:
+            raise edited from e
+        raise
 
 
 def _prepare_quantized(model: nn.Module, held: quant.Quantization, folder: Path, device: torch.device) -> None:
@@ -525,6 +533,11 @@ def _to(self: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
     device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
     stream = stream_of(self)
     here = stream.device
+    if device is not None and device.type == "meta":
+        raise PylominError(
+            "a streamed model's parameters are placeholders on meta already, paged in from their files per unit; "
+            "`pylomin.unload_(model)` detaches it from its files"
+        )
     if device is not None and (device.type != here.type or device.index not in (None, here.index)):
         raise PylominError(
             f"this streamed model runs on `{here}`; its weights stay in their files, so `.to({device})` cannot move "

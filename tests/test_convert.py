@@ -373,6 +373,11 @@ def test_verify_finds_a_unit_deleted_by_hand(converted, tmp_path: Path) -> None:
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith(f"pylomin: error: `{folder / fmt.MANIFEST_NAME}` does not match its digest"), r.stderr
     assert "convert the model again" in r.stderr
+    import transformers
+
+    # Loading it says the same, not that the class is wrong.
+    with pytest.raises(pylomin.PylominError, match="does not match its digest: it was edited after conversion"):
+        pylomin.load_streaming(folder, transformers.GPT2LMHeadModel)
 
 
 def test_a_version_1_folder_still_loads_and_verifies(converted, tmp_path: Path, caplog) -> None:

@@ -284,6 +284,19 @@ def test_output_honours_the_umask(umask: int, hf_dir, tmp_path: Path) -> None:
     finally:
         os.umask(previous)
     for out in (new, empty):
-        for p in [out, *out.rglob("*")]:
+        for p in out.rglob("*"):
             want = (0o777 if p.is_dir() else 0o666) & ~umask
             assert stat.S_IMODE(p.stat().st_mode) == want, (p, oct(p.stat().st_mode))
+    assert stat.S_IMODE(new.stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE(empty.stat().st_mode) == 0o755  # a folder that was there keeps its mode, as with `cp`
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_replaced_folder_keeps_its_mode(overwrite: bool, hf_dir, tmp_path: Path) -> None:
+    out = tmp_path / "private"
+    out.mkdir(mode=0o700)
+    if overwrite:
+        pylomin.convert(hf_dir("gpt2"), out, progress=False)
+        out.chmod(0o750)
+    pylomin.convert(hf_dir("gpt2"), out, progress=False, overwrite=overwrite)
+    assert stat.S_IMODE(out.stat().st_mode) == (0o750 if overwrite else 0o700)

@@ -31,6 +31,8 @@ def test_moving_where_it_already_is_is_a_no_op_and_elsewhere_says_how(hf_dir, co
         model.to("cuda:1")
     with pytest.raises(pylomin.PylominError, match=r"dtype=torch.float16"):
         model.half()
+    with pytest.raises(pylomin.PylominError, match=r"placeholders on meta already.*unload_"):
+        model.to("meta")
     with torch.no_grad():
         assert torch.equal(model(models.ids()).logits, ref(models.ids()).logits)
 
