@@ -94,6 +94,8 @@ def bind(
     if not strict:
         missing = []
     if missing or unexpected or mismatched:
+        # A folder edited by hand (a unit removed with its entry) looks like the wrong class: say which it is.
+        fmt.check_digest(store.folder)
         lines = []
         if missing:
             lines.append("Missing key(s) in state_dict: " + ", ".join(f'"{k}"' for k in missing) + ". ")

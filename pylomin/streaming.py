@@ -178,19 +178,11 @@ def load_streaming(
             f"quantize={quantize!r}, but `{folder}` holds {f'{held.scheme} weights' if held else 'unquantized weights'}; "
             f"a converted folder is loaded as it is: convert it with `pylomin-convert SRC OUT_DIR --quantize ...`"
         )
-    try:
-        model = build_on_meta(model_cls, folder, options.dtype or stored_dtype(manifest))
-        layout.check(manifest.layout, model, folder)
-        if held is not None:
-            _prepare_quantized(model, held, folder, options.device)
-        return attach_(model, folder, manifest, options).eval()
-    except PylominError as e:
-        # A folder edited by hand (a unit removed with its entry) looks like the wrong class: say which it is.
-        try:
-            fmt.check_digest(folder)
-        except PylominError as edited:
-            raise edited from e
-        raise
+    model = build_on_meta(model_cls, folder, options.dtype or stored_dtype(manifest))
+    layout.check(manifest.layout, model, folder)
+    if held is not None:
+        _prepare_quantized(model, held, folder, options.device)
+    return attach_(model, folder, manifest, options).eval()
 
 
 def _prepare_quantized(model: nn.Module, held: quant.Quantization, folder: Path, device: torch.device) -> None:

@@ -172,3 +172,14 @@ def evict(files: list[Path]) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def chosen_experts(model: nn.Module) -> dict[str, set[int]]:
+    """Records, per Mixtral experts module of `model`, the experts its router chooses in each forward from now on."""
+    chosen: dict[str, set[int]] = {}
+    for name, module in model.named_modules():
+        if type(module).__name__ == "MixtralExperts":
+            module.register_forward_pre_hook(
+                lambda m, args, name=name: chosen.setdefault(name, set()).update(args[1].unique().tolist())
+            )
+    return chosen

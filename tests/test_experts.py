@@ -26,12 +26,7 @@ def test_a_forward_reads_only_the_chosen_experts(disk_dir: Path) -> None:
     ref = models.pretrained(transformers.MixtralForCausalLM, src)
     models.evict([folder / u.file for u in fmt.read(folder).units])
     model = pylomin.load_streaming(folder, transformers.MixtralForCausalLM, drop_page_cache=False, memory_budget=0)
-    chosen: dict[str, set[int]] = {}
-    for name, module in model.named_modules():
-        if type(module).__name__ == "MixtralExperts":
-            module.register_forward_pre_hook(
-                lambda m, args, name=name: chosen.setdefault(name, set()).update(args[1].unique().tolist())
-            )
+    chosen = models.chosen_experts(model)
     x = models.ids(batch=1, seq=1)  # one token: top-2 of 8 experts per layer
     with torch.no_grad():
         assert torch.equal(model(x).logits, ref(x).logits)
@@ -51,16 +46,6 @@ def test_a_forward_reads_only_the_chosen_experts(disk_dir: Path) -> None:
                     assert all(inner), (layer, tensor, e)
                 else:
                     assert not any(inner), (layer, tensor, e, sum(inner))
-
-
-def _chosen_per_layer(model: torch.nn.Module) -> dict[str, set[int]]:
-    chosen: dict[str, set[int]] = {}
-    for name, module in model.named_modules():
-        if type(module).__name__ == "MixtralExperts":
-            module.register_forward_pre_hook(
-                lambda m, args, name=name: chosen.setdefault(name, set()).update(args[1].unique().tolist())
-            )
-    return chosen
 
 
 def _expert_pages(folder: Path, layer: str, e: int, experts: int = 8) -> list[bool]:
@@ -92,7 +77,7 @@ def test_a_budget_keeps_the_most_used_experts_resident_and_drops_the_others(disk
     budget = dense + 2 * 2 * expert_bytes
     model = pylomin.load_streaming(folder, transformers.MixtralForCausalLM, memory_budget=budget, prefetch=0)
     assert stream_of(model).manager.plan.expert_cache_bytes == 2 * 2 * expert_bytes
-    chosen = _chosen_per_layer(model)
+    chosen = models.chosen_experts(model)
     x = models.ids(batch=1, seq=1)
     with torch.no_grad():
         want = ref(x).logits

@@ -118,12 +118,7 @@ def test_ctrl_c_in_a_prompt_leaves_decode_reading_only_the_chosen_experts(disk_d
     mixtral(experts=8, hidden=64, intermediate=64).save_pretrained(src)
     folder = pylomin.convert(src, disk_dir / "out", progress=False)
     model = pylomin.load_streaming(folder, transformers.MixtralForCausalLM, drop_page_cache=False, memory_budget=0)
-    chosen: dict[str, set[int]] = {}
-    for name, module in model.named_modules():
-        if type(module).__name__ == "MixtralExperts":
-            module.register_forward_pre_hook(
-                lambda m, args, name=name: chosen.setdefault(name, set()).update(args[1].unique().tolist())
-            )
+    chosen = models.chosen_experts(model)
     token = models.ids(batch=1, seq=1)
     with torch.no_grad():
         ctrl_c = CtrlC(model.model.layers[0])
