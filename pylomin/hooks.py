@@ -71,9 +71,10 @@ class HookManager:
     """Registers the hooks of a streamed model and pages parameters in and out, thread-safely.
 
     It carries out a `Plan`; it decides nothing. `order` lists the hooked modules in the plan's
-    target order and `slots` gives each the slots it needs while it runs. Slots are reference
-    counted, so nested units, modules called twice (a tied LM head) and several threads running
-    the same model all see parameters that stay put until the last user is done.
+    target order and `slots` gives each the slots it needs while it runs. Slots record the calls
+    holding them, so nested units, modules called twice (a tied LM head), several threads running
+    the same model and calls cut short by Ctrl-C all see parameters that stay put until the last
+    holder is done.
     """
 
     def __init__(
@@ -216,7 +217,7 @@ class HookManager:
         """Carry out a new plan between forwards: unpin what left the resident set, pin what joined it.
 
         Used when the memory this process may use moved (`memory_budget="auto"`). Units running in
-        other threads keep what they hold (references); pages given back are dropped from the cache.
+        other threads keep what they hold; pages given back are dropped from the cache.
         """
         with self._lock:
             self.plan = plan
@@ -260,7 +261,7 @@ class HookManager:
     # torch runs `always_call` forward hooks for an `Exception` only: a `KeyboardInterrupt` (Ctrl-C)
     # skips every post-hook between it and the caller. So each thread records what its calls hold
     # (`_Calls`), and the next call of that thread that finds them unfinished gives it all back
-    # first (`_recover`): references, its pass, and reads queued for it.
+    # first (`_recover`): what each unfinished call holds, its pass, and reads queued for it.
 
     def _calls(self) -> _Calls:
         calls = getattr(self._local, "calls", None)
