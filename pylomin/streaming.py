@@ -536,7 +536,12 @@ def _to(self: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
             f"them: load it with `pylomin.load_streaming(..., device='{device}')`"
         )
     if dtype is not None:
-        floats = {p.dtype for p in self.parameters() if p.is_floating_point()}
+        floats = {  # a quantized layer's scales keep their own dtype (`exact_dtype`), as in memory
+            p.dtype
+            for m in self.modules()
+            for n, p in m._parameters.items()
+            if p is not None and p.is_floating_point() and n not in getattr(m, "exact_dtype", ())
+        }
         if floats - {dtype}:
             raise PylominError(
                 f"this streamed model's weights are {', '.join(sorted(map(str, floats)))}; its weights stay in their "

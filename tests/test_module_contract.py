@@ -11,6 +11,7 @@ import torch
 import transformers
 
 import pylomin
+from pylomin import manifest as fmt
 from tests import models
 
 
@@ -67,3 +68,13 @@ def test_pickling_says_what_to_save_instead(converted) -> None:
     for dump in (pickle.dumps, copy.deepcopy, lambda m: torch.save(m, Path("/dev/null"))):
         with pytest.raises(TypeError, match=r"cannot be pickled.*state_dict\(\)"):
             dump(model)
+
+
+def test_a_quantized_model_is_where_it_is_too(tmp_path: Path) -> None:
+    from tests.test_quant import llama
+
+    llama().save_pretrained(tmp_path / "src")
+    folder = pylomin.convert(tmp_path / "src", tmp_path / "int8", quantize="int8", progress=False)
+    assert fmt.read(folder).quantization.modules  # type: ignore[union-attr]
+    model = pylomin.load_streaming(folder, transformers.LlamaForCausalLM, memory_budget=0)
+    assert model.float() is model and model.to("cpu", torch.float32) is model  # bf16 scales are not weights
