@@ -24,7 +24,7 @@ from pylomin.build import bind, stored_dtype
 from pylomin.errors import PylominError
 from pylomin.hooks import HookManager, Slot
 from pylomin.limits import Memory, read_memory
-from pylomin.meta import build_on_meta, experts_count
+from pylomin.meta import build_on_meta, experts_count, resolve_model_cls
 from pylomin.plan import Plan, Target, make_plan
 from pylomin.prefetch import Prefetcher
 from pylomin.stage import Copy, PinnedCopy
@@ -103,7 +103,7 @@ def is_streamed(model: nn.Module) -> bool:
 
 def load_streaming(
     path: str | os.PathLike[str],
-    model_cls: Callable[..., nn.Module] | type,
+    model_cls: Callable[..., nn.Module] | type | str,
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
@@ -121,7 +121,9 @@ def load_streaming(
         path: a folder written by `pylomin.convert` / `pylomin-convert`, or a Hub repo id
             (`org/name`), converted on first use into pylomin's cache and reused afterwards.
         model_cls: a transformers model class (`BertModel`, `AutoModelForCausalLM`, ...), built
-            from the folder's `config.json`; or any zero-argument callable returning the `nn.Module`.
+            from the folder's `config.json`; or any zero-argument callable returning the `nn.Module`;
+            or its import path as a string (`"transformers.BertModel"`, `"pkg.mod:factory"`), as the
+            CLI takes it.
         device: `"cpu"` (parameters are zero-copy views of the mapped files) or a CUDA device
             (each unit is copied in before it runs).
         dtype: cast floating-point parameters to this dtype as they are loaded; default: as stored.
@@ -163,6 +165,7 @@ def load_streaming(
         prefetch_bytes=prefetch_bytes,
         memory_budget=memory_budget,
     )
+    model_cls = resolve_model_cls(model_cls)
     scheme = quant.Scheme.parse(quantize) if quantize is not None else None
     folder = Path(path)
     if hub.is_repo_id(path):

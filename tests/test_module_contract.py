@@ -78,3 +78,13 @@ def test_a_quantized_model_is_where_it_is_too(tmp_path: Path) -> None:
     assert fmt.read(folder).quantization.modules  # type: ignore[union-attr]
     model = pylomin.load_streaming(folder, transformers.LlamaForCausalLM, memory_budget=0)
     assert model.float() is model and model.to("cpu", torch.float32) is model  # bf16 scales are not weights
+
+
+def test_a_class_by_its_import_path_as_the_cli_takes_it(hf_dir, converted) -> None:
+    ref = models.pretrained(transformers.GPT2LMHeadModel, hf_dir("gpt2"))
+    model = pylomin.load_streaming(converted("gpt2"), "transformers.GPT2LMHeadModel")
+    assert type(model).__name__ == "GPT2LMHeadModel"
+    with torch.no_grad():
+        assert torch.equal(model(models.ids()).logits, ref(models.ids()).logits)
+    with pytest.raises(ValueError, match="cannot import `transformers.NoSuchModel`"):
+        pylomin.load_streaming(converted("gpt2"), "transformers.NoSuchModel")
