@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -11,6 +13,8 @@ from pylomin import manifest as fmt
 from pylomin.errors import PylominError
 from pylomin.hooks import Slot
 from pylomin.store import Store
+
+logger = logging.getLogger(__name__)
 
 
 def stored_dtype(manifest: fmt.Manifest) -> torch.dtype | None:
@@ -32,10 +36,22 @@ def bind(
     """
     index = manifest.tensor_index()
     modules = dict(model.named_modules(remove_duplicate=False))
+    # A base model (`LlamaModel`, what `AutoModel` builds) from a checkpoint of its model with a head:
+    # its names are the checkpoint's without the base model prefix, as transformers loads it.
+    prefix = _base_prefix(model, index)
 
     def stored(name: str) -> str | None:
-        name = manifest.aliases.get(name, name)
+        name = manifest.aliases.get(prefix + name, prefix + name)
         return name if name in index else None
+
+    def hook_target(owner: str) -> nn.Module:
+        # The unit (a checkpoint module) enclosing `owner`, as a module of this model; else `owner` itself.
+        unit = fmt.enclosing_module(prefix + owner if owner else prefix.rstrip("."), unit_modules)
+        if unit is not None and prefix and unit.startswith(prefix):
+            unit = unit[len(prefix) :]
+        elif unit is not None and prefix:
+            unit = "" if unit == prefix.rstrip(".") else None
+        return modules[unit if unit is not None and unit in modules else owner]
 
     groups: dict[int, tuple[nn.Parameter, list[str]]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -50,7 +66,7 @@ def bind(
 
     for p, names in groups.values():
         sources = [s for s in map(stored, names) if s is not None]
-        used.update(n for n in names if stored(n) is not None)
+        used.update(prefix + n for n in names if stored(n) is not None)
         if not sources:
             missing.extend(n for n in names if not _matches(n, ignore_missing))
             continue
@@ -74,8 +90,7 @@ def bind(
             slot.owners.append((modules[owner], attr))
             modules[owner]._parameters[attr] = placeholder
             # A stored name is paged with its unit; another name of a tied parameter with its own module.
-            target = fmt.enclosing_module(owner, unit_modules) if n in index else owner
-            hooked = targets.setdefault(modules[target if target is not None else owner], [])
+            hooked = targets.setdefault(hook_target(owner) if prefix + n in index else modules[owner], [])
             if slot not in hooked:
                 hooked.append(slot)
 
@@ -83,7 +98,7 @@ def bind(
         owner, _, attr = name.rpartition(".")
         source = stored(name)
         if source is not None:
-            used.add(name)
+            used.add(prefix + name)
             if attr not in modules[owner]._non_persistent_buffers_set:
                 modules[owner]._buffers[attr] = store.view(source).to(buf.dtype, copy=True)
             # Non-persistent buffers keep the values `__init__` computed, as transformers does.
@@ -91,6 +106,13 @@ def bind(
             missing.append(name)
 
     unexpected = [n for n in [*index, *manifest.aliases] if n not in used and not _matches(n, ignore_unexpected)]
+    if prefix:  # the head's tensors: a base model does not use them (transformers only logs them)
+        head = [n for n in unexpected if not n.startswith(prefix)]
+        if head:
+            logger.info(
+                "%s does not use %d tensor(s) of the checkpoint's head: %s", type(model).__name__, len(head), head
+            )
+        unexpected = [n for n in unexpected if n.startswith(prefix)]
     if not strict:
         missing = []
     if missing or unexpected or mismatched:
@@ -109,6 +131,18 @@ def bind(
             "was saved from (or convert the matching checkpoint)."
         )
     return targets
+
+
+def _base_prefix(model: nn.Module, index: Mapping[str, object]) -> str:
+    """`"model."` when `model` is a transformers base model whose names appear in the checkpoint only
+    under its `base_model_prefix` (the checkpoint of a model with a head); else `""`."""
+    base = getattr(model, "base_model_prefix", "")
+    if not isinstance(base, str) or not base or hasattr(model, base):
+        return ""  # not a transformers model, or one with a head (its base is a child)
+    names = [n for n, _ in model.named_parameters()]
+    if not names or any(n in index for n in names):
+        return ""
+    return f"{base}." if all(f"{base}.{n}" in index for n in names) else ""
 
 
 def _patterns(model: nn.Module, attr: str) -> list[str]:

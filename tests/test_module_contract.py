@@ -12,7 +12,8 @@ import transformers
 
 import pylomin
 from pylomin import manifest as fmt
-from tests import models
+from pylomin.streaming import stream_of
+from tests import models, python
 
 
 @pytest.mark.parametrize("memory_budget", [0, "auto"])
@@ -88,3 +89,24 @@ def test_a_class_by_its_import_path_as_the_cli_takes_it(hf_dir, converted) -> No
         assert torch.equal(model(models.ids()).logits, ref(models.ids()).logits)
     with pytest.raises(ValueError, match="cannot import `transformers.NoSuchModel`"):
         pylomin.load_streaming(converted("gpt2"), "transformers.NoSuchModel")
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_automodel_on_a_folder_with_a_head_loads_the_base_model(hf_dir, converted, name: str, caplog) -> None:
+    # As transformers' AutoModel does: the base model, its names without the head model's prefix.
+    folder = converted(name)
+    ref = models.pretrained(transformers.AutoModel, hf_dir(name))
+    with caplog.at_level("INFO", logger="pylomin.build"):
+        model = pylomin.load_streaming(folder, transformers.AutoModel, memory_budget=0)
+    assert type(model).__name__ == type(ref).__name__
+    if name == "llama":  # its own lm_head (GPT-2's is the embedding table, stored once)
+        assert "does not use 1 tensor(s) of the checkpoint's head: ['lm_head.weight']" in caplog.text
+    units = {u.name for u in fmt.read(folder).units}
+    prefix = ref.base_model_prefix + "."
+    hooked = {n for n, m in model.named_modules() if m in stream_of(model).manager.index}
+    assert {prefix + n for n in hooked if n} <= units  # paged by the converted units, not leaf by leaf
+    with torch.no_grad():
+        for x in (models.ids(), models.ids(1, 3)):
+            assert torch.equal(model(x).last_hidden_state, ref(x).last_hidden_state)
+    r = python.cli("run", str(folder), "--seq", "8", "--runs", "1")  # AutoModel by default
+    assert r.returncode == 0, r.stderr
