@@ -51,18 +51,6 @@ def drop_file_pages(address: int, length: int) -> None:
         madvise(address, length, MADV_DONTNEED)
 
 
-def drop_cached(path: str | os.PathLike[str]) -> None:
-    """Drop a whole file's unmapped pages from the page cache (best effort: a missing file is fine)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def exchange(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
     """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
     fn = getattr(libc, "renameat2", None)

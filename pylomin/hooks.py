@@ -38,11 +38,6 @@ class Slot:
     pinned: bool = False  # kept materialized for the model's lifetime (memory budget)
 
     @property
-    def refs(self) -> int:
-        """How many calls hold it, plus one while it is pinned."""
-        return len(self.holders) + self.pinned
-
-    @property
     def released(self) -> bool:
         """Whether an owner holds the meta placeholder (all of them, unless a release was interrupted)."""
         return any(module._parameters.get(attr) is self.placeholder for module, attr in self.owners)

@@ -85,7 +85,7 @@ class Prefetcher:
         self._seen: set[int] = set()
         self._closed = False
         self._running: _Job | None = None  # the job the reader works on now
-        self._stopped: BaseException | None = None  # why the reader thread ended, once it has
+        self._ended = False  # the reader thread has ended (closed, or failed: logged)
         self._thread = threading.Thread(target=self._run, name="pylomin-prefetch", daemon=True)
         self._thread.start()
 
@@ -163,7 +163,7 @@ class Prefetcher:
 
     def _schedule_after(self, target: int) -> None:
         i = self._index.get(target)
-        if i is None or self.max_units <= 0 or self._closed or self._stopped is not None:
+        if i is None or self.max_units <= 0 or self._closed or self._ended:
             return  # a closed or ended reader runs no more jobs: the unit is paged in on demand
         wide = self._wide_pass
         units, nbytes = 0, sum(self._nbytes.get(t, 0) for t in self._pending)
@@ -227,7 +227,7 @@ class Prefetcher:
         finally:
             # Closed: whoever waits pages its unit in on demand. Failed: the waiting forward says why.
             with self._lock:
-                self._stopped = error or PylominError("the prefetch reader was closed")
+                self._ended = True
                 jobs = [*self._queue, *self._pending.values()]
                 self._queue.clear()
                 self._pending.clear()
@@ -279,12 +279,9 @@ class Prefetcher:
             return
         with self._lock:
             self._wake.notify_all()
-        self._thread.join()
+        self._thread.join()  # its last act sets every job still waited for
         with self._lock:
             done, self._done = self._done, []
-            for job in self._pending.values():
-                job.done.set()
-            self._pending.clear()
         for r in done:
             try:
                 self.store.done(*r)

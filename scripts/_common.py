@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -30,6 +31,19 @@ BERT_SMALL = dict(vocab_size=30522, hidden_size=256, num_hidden_layers=4, num_at
 # The decoder of the generate() benchmarks: GPT-2-large-sized (~3 GB fp32), and its `--quick` stand-in.
 GPT2_LARGE = dict(n_embd=1280, n_layer=36, n_head=20, vocab_size=50257, n_positions=1024)
 GPT2_SMALL = {**GPT2_LARGE, "n_embd": 256, "n_layer": 4, "n_head": 4}
+# The mixture-of-experts decoder (~1.9 GB fp32; 8 experts, top-2) of bench_moe and bench_interrupt.
+MIXTRAL = dict(
+    hidden_size=512,
+    intermediate_size=1792,
+    num_hidden_layers=8,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    vocab_size=32000,
+    tie_word_embeddings=False,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    max_position_embeddings=1024,
+)
 
 
 # --- models -------------------------------------------------------------------------------------------
@@ -92,6 +106,18 @@ def ensure_converted(src: Path, folder: Path, unit: str = "block", quantize: str
 
 
 # --- page cache and disk ----------------------------------------------------------------------------
+
+
+def build_mixtral(path: Path, config: dict[str, Any]) -> None:
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**config))
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tmp.rename(path)
 
 
 def unit_files(folder: Path) -> list[Path]:

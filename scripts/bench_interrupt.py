@@ -37,39 +37,22 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ENV, MIB, TokenClock, evict, read_bytes, unit_files  # noqa: E402
+from _common import ENV, MIB, MIXTRAL, TokenClock, build_mixtral, evict, read_bytes, unit_files  # noqa: E402
 
 WORK = Path("/var/tmp/pylomin-bench-interrupt")
 PROMPT_TOKENS, NEW_TOKENS = 16, 8
-MIXTRAL = dict(
-    hidden_size=512,
-    intermediate_size=1792,
-    num_hidden_layers=4,
-    num_local_experts=8,
-    num_experts_per_tok=2,
-    vocab_size=32000,
-    tie_word_embeddings=False,
-    num_attention_heads=8,
-    num_key_value_heads=8,
-    max_position_embeddings=1024,
-)
+MIXTRAL_4 = {**MIXTRAL, "num_hidden_layers": 4}  # ~500 MiB: a run takes seconds
 
 
 def prepare() -> Path:
     """The converted folder for the pylomin this process imports, built and converted on first use."""
-    import torch
-    import transformers
 
     import pylomin
 
     src = WORK / "src"
     if not (src / "config.json").is_file():
         print(f"building {src} ...", flush=True)
-        torch.manual_seed(0)
-        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**MIXTRAL))
-        shutil.rmtree(src.with_name("src.partial"), ignore_errors=True)
-        model.save_pretrained(src.with_name("src.partial"))
-        src.with_name("src.partial").rename(src)
+        build_mixtral(src, MIXTRAL_4)
     tree = str(Path(pylomin.__file__).resolve().parent)
     folder = WORK / f"converted-{hashlib.sha1(tree.encode()).hexdigest()[:10]}"
     if not (folder / "pylomin.json").is_file():
@@ -109,7 +92,7 @@ def child(folder: Path, case: str) -> dict[str, Any]:
                     fired.append(True)
                     raise KeyboardInterrupt
 
-            handle = model.model.layers[MIXTRAL["num_hidden_layers"] // 2].register_forward_hook(ctrl_c)
+            handle = model.model.layers[MIXTRAL_4["num_hidden_layers"] // 2].register_forward_hook(ctrl_c)
             try:
                 model.generate(prompt, **kw)
                 raise SystemExit("the hook did not interrupt generate()")

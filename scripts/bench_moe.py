@@ -59,9 +59,11 @@ import _cgroup  # noqa: E402
 from _common import (  # noqa: E402
     ENV,
     MIB,
+    MIXTRAL,
     MODELS,
     ROOT,
     TokenClock,
+    build_mixtral,
     cold_read_bandwidth,
     ensure_converted,
     evict,
@@ -72,18 +74,6 @@ OUT = ROOT / "bench-out"
 PROMPT_TOKENS = 16
 NEW_TOKENS = 32
 CAP_BASE = 300 * MIB  # the interpreter, torch and transformers under the cap, on top of half the model
-MIXTRAL = dict(
-    hidden_size=512,
-    intermediate_size=1792,
-    num_hidden_layers=8,
-    num_local_experts=8,
-    num_experts_per_tok=2,
-    vocab_size=32000,
-    tie_word_embeddings=False,
-    num_attention_heads=8,
-    num_key_value_heads=8,
-    max_position_embeddings=1024,
-)
 MIXTRAL_SMALL = {**MIXTRAL, "num_hidden_layers": 2, "vocab_size": 8000}
 CONTENDERS = {
     "memory": "in memory (transformers)",
@@ -110,18 +100,6 @@ def ensure_mixtral(config: dict[str, Any], name: str) -> Path:
         cmd = [sys.executable, __file__, "--build", str(src), "--spec", json.dumps(config)]
         subprocess.run(cmd, env=ENV, check=True)
     return src
-
-
-def build_mixtral(path: Path, config: dict[str, Any]) -> None:
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**config))
-    tmp = path.with_name(path.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tmp.rename(path)
 
 
 def token_bytes(folder: Path, top_k: int, experts: int) -> tuple[int, int, int]:

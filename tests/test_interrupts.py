@@ -47,7 +47,7 @@ class CtrlC:
 
 def held_slots(model: nn.Module) -> list[str]:
     manager = stream_of(model).manager
-    return [s.stored_name for ss in manager.targets.values() for s in ss if s.refs and not s.pinned]
+    return [s.stored_name for ss in manager.targets.values() for s in ss if s.holders and not s.pinned]
 
 
 def mapped_bytes(folder: Path) -> int:
