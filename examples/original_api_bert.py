@@ -21,7 +21,7 @@ import transformers
 from torch import nn
 
 import pylomin
-from pylomin.memory import PeakRss, release_freed_memory_eagerly, rss
+from pylomin.tools.memory import PeakRss, release_freed_memory_eagerly, rss
 
 MiB = 2**20
 

@@ -114,7 +114,7 @@ def main() -> None:
         model_dir = args.model_dir.resolve() if args.model_dir else build_bert(Path(tmp))
         config = json.loads((model_dir / "config.json").read_text())
         vocab, seq = config["vocab_size"], min(args.seq, config.get("max_position_embeddings", args.seq))
-        size = sum(u.size for u in pylomin.manifest.read(model_dir).units)
+        size = sum(u.size for u in pylomin.format.manifest.read(model_dir).units)
         rng = np.random.default_rng(0)
         ids = rng.integers(vocab // 10, vocab, (args.rows, seq))  # past BERT's special and unused ids
         lengths = rng.integers(seq // 4, seq + 1, args.rows)

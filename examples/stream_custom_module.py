@@ -42,7 +42,7 @@ def main() -> None:
             same = torch.equal(streamed(x), model(x))
         on_meta = all(p.device.type == "meta" for p in streamed.parameters())
         print(
-            f"units: {len(pylomin.manifest.read(out).units)}; parameters on meta between calls: {on_meta}; identical: {same}"
+            f"units: {len(pylomin.format.manifest.read(out).units)}; parameters on meta between calls: {on_meta}; identical: {same}"
         )
 
 

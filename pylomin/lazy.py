@@ -13,10 +13,10 @@ from typing import TypeVar
 from torch import nn
 
 from pylomin import _os, quant
-from pylomin import manifest as fmt
-from pylomin.checkpoint import from_tensors
-from pylomin.convert import check_out, write_folder
-from pylomin.streaming import Options, attach_, is_streamed
+from pylomin.converter.checkpoint import from_tensors
+from pylomin.converter.convert import check_out, write_folder
+from pylomin.format import manifest as fmt
+from pylomin.runtime.streaming import Options, attach_, is_streamed
 
 M = TypeVar("M", bound=nn.Module)
 ModuleRef = str | nn.Module

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 import pylomin
-from pylomin.meta import resolve_model_cls as resolve
+from pylomin.modeling import resolve_model_cls as resolve
 
 try:
     import ray

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import pylomin
-from pylomin import manifest as fmt
-from pylomin.memory import release_freed_memory_eagerly
+from pylomin.format import manifest as fmt
+from pylomin.tools.memory import release_freed_memory_eagerly
 from tests import models
 
 # The memory bounds are measured as `make test` runs them: glibc serves allocations of 1 MiB or more

@@ -31,7 +31,7 @@ def start(code: str, env: dict[str, str] | None = None, **kwargs: Any) -> subpro
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run `pylomin ARGS...` (the package's CLI module) in a fresh interpreter."""
     return subprocess.run(
-        [sys.executable, "-m", "pylomin.cli", *args],
+        [sys.executable, "-m", "pylomin.tools.cli", *args],
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)},

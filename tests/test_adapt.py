@@ -15,10 +15,10 @@ import torch
 import transformers
 
 import pylomin
-from pylomin import manifest as fmt
-from pylomin.adapt import HEADROOM, decide
-from pylomin.limits import Memory, read_memory
-from pylomin.streaming import stream_of
+from pylomin.format import manifest as fmt
+from pylomin.runtime.adapt import HEADROOM, decide
+from pylomin.runtime.limits import Memory, read_memory
+from pylomin.runtime.streaming import stream_of
 from tests import models
 
 MiB, GiB = 2**20, 2**30
@@ -193,7 +193,7 @@ def test_explicit_budgets_stay_fixed(converted) -> None:
 
 CHILD = """
 import json, sys, torch, transformers, pylomin
-from pylomin.streaming import stream_of
+from pylomin.runtime.streaming import stream_of
 folder, out = sys.argv[1], sys.argv[2]
 model = pylomin.load_streaming(folder, transformers.LlamaForCausalLM)
 manager = stream_of(model).manager

@@ -22,7 +22,7 @@ def test_info_into_a_reader_that_closes_early_ends_quietly(tmp_path: Path) -> No
     save_file({f"{n}.weight": torch.zeros(1) for n in names}, tmp_path / "many.safetensors")
     out = pylomin.convert(tmp_path / "many.safetensors", tmp_path / "out", unit="leaf", progress=False)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pylomin.cli", "info", str(out)],
+        [sys.executable, "-m", "pylomin.tools.cli", "info", str(out)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(python.ROOT)},

@@ -14,10 +14,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import pylomin
-from pylomin import manifest as fmt
-from pylomin.convert import plan_units
-from pylomin.memory import PeakRss
-from pylomin.store import Store
+from pylomin.converter.convert import plan_units
+from pylomin.format import manifest as fmt
+from pylomin.runtime.store import Store
+from pylomin.tools.memory import PeakRss
 from tests import models, python
 from tests.conftest import misaligned_tensors
 
@@ -344,7 +344,7 @@ def test_bad_input_names_the_file(setup: str, error: type[Exception], match: str
 
 
 def test_cli_convert_info_verify(hf_dir, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from pylomin.cli import convert_main, main
+    from pylomin.tools.cli import convert_main, main
 
     out = tmp_path / "out"
     assert convert_main([str(hf_dir("gpt2")), str(out), "--quiet", "--unit", "leaf"]) == 0

@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import save_file
 
 import pylomin
-from pylomin import manifest as fmt
-from pylomin.cli import convert_main
-from pylomin.convert import _rename_claimed, _rename_noreplace
+from pylomin.converter.convert import _rename_claimed, _rename_noreplace
+from pylomin.format import manifest as fmt
+from pylomin.tools.cli import convert_main
 from tests import python
 
 
@@ -101,7 +101,7 @@ class AtTheSwap(logging.Handler):
 
 @contextlib.contextmanager
 def at_the_swap(action: Callable[[], None]) -> Iterator[AtTheSwap]:
-    log = logging.getLogger("pylomin.convert")
+    log = logging.getLogger("pylomin.converter.convert")
     handler, level = AtTheSwap(action), log.level
     log.addHandler(handler)
     log.setLevel(logging.DEBUG)
@@ -202,7 +202,7 @@ def paused_converter(src: Path, out: Path) -> subprocess.Popen[str]:
     """`pylomin-convert SRC OUT` in a fresh interpreter, stopped at the swap (its folder complete) until stdin closes."""
     code = f"""
         import logging, sys
-        from pylomin.cli import convert_main
+        from pylomin.tools.cli import convert_main
 
         class Pause(logging.Handler):
             def emit(self, record):
@@ -210,7 +210,7 @@ def paused_converter(src: Path, out: Path) -> subprocess.Popen[str]:
                     print("READY", flush=True)
                     sys.stdin.read()
 
-        log = logging.getLogger("pylomin.convert")
+        log = logging.getLogger("pylomin.converter.convert")
         log.addHandler(Pause())
         log.setLevel(logging.DEBUG)
         sys.exit(convert_main([{str(src)!r}, {str(out)!r}, "--quiet"]))

@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pylomin
-from pylomin import manifest as fmt
-from pylomin.memory import PeakRss
+from pylomin.format import manifest as fmt
+from pylomin.tools.memory import PeakRss
 from tests.test_convert import read_back
 
 DTYPES = sorted(fmt.SAFETENSORS_DTYPES.values(), key=str)

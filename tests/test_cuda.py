@@ -13,8 +13,8 @@ import transformers
 from torch import nn
 
 import pylomin
-from pylomin.stage import PinnedCopy
-from pylomin.streaming import stream_of
+from pylomin.runtime.stage import PinnedCopy
+from pylomin.runtime.streaming import stream_of
 from tests import models
 
 pytestmark = pytest.mark.cuda

@@ -10,8 +10,8 @@ import torch
 import transformers
 
 import pylomin
-from pylomin import manifest as fmt
-from pylomin.streaming import stream_of
+from pylomin.format import manifest as fmt
+from pylomin.runtime.streaming import stream_of
 from tests import models
 from tests.test_layout import mixtral
 
@@ -125,7 +125,7 @@ def test_a_random_access_range_larger_than_the_read_ahead_window_is_read_in_larg
     save_file({"table.weight": torch.randn(2**20, 16)}, disk_dir / "big.safetensors")  # 64 MiB
     folder = pylomin.convert(disk_dir / "big.safetensors", disk_dir / "out", progress=False)
     m = fmt.read(folder)
-    with pylomin.store.Store(folder, m) as store:
+    with pylomin.runtime.store.Store(folder, m) as store:
         where = store.location("table.weight")
         store.random_access(*where)
         models.evict([folder / u.file for u in m.units])

@@ -20,12 +20,12 @@ import transformers
 from torch import nn
 
 import pylomin
-from pylomin import manifest as fmt
-from pylomin.limits import Memory, read_memory
-from pylomin.meta import params_on_meta
-from pylomin.prefetch import Prefetcher
-from pylomin.store import Store
-from pylomin.streaming import stream_of
+from pylomin.format import manifest as fmt
+from pylomin.modeling import params_on_meta
+from pylomin.runtime.limits import Memory, read_memory
+from pylomin.runtime.prefetch import Prefetcher
+from pylomin.runtime.store import Store
+from pylomin.runtime.streaming import stream_of
 from tests import models
 from tests.test_layout import mixtral
 
@@ -300,10 +300,10 @@ def test_ctrl_c_at_any_line_of_the_hooks_leaves_other_threads_right_and_nothing_
     # of the hooks and the reader's entry points that one forward runs is interrupted once. Another
     # thread then runs the model while that call's leftovers are still there (only this thread
     # recovers them), and this thread's next forward recovers them.
-    import pylomin.hooks
-    import pylomin.prefetch
+    import pylomin.runtime.hooks
+    import pylomin.runtime.prefetch
 
-    files = {pylomin.hooks.__file__, pylomin.prefetch.__file__}
+    files = {pylomin.runtime.hooks.__file__, pylomin.runtime.prefetch.__file__}
     ref = models.pretrained(transformers.LlamaForCausalLM, hf_dir("llama"))
     model = pylomin.load_streaming(converted("llama"), transformers.LlamaForCausalLM, prefetch=2, memory_budget=0)
     manager = stream_of(model).manager

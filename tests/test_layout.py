@@ -12,8 +12,8 @@ import transformers
 from safetensors.torch import load_file
 
 import pylomin
-from pylomin import manifest as fmt
-from pylomin.memory import PeakRss
+from pylomin.format import manifest as fmt
+from pylomin.tools.memory import PeakRss
 from tests import models, tiny_models
 
 

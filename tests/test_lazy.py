@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import pylomin
-from pylomin import manifest as fmt
-from pylomin.memory import rss
-from pylomin.streaming import stream_of
+from pylomin.format import manifest as fmt
+from pylomin.runtime.streaming import stream_of
+from pylomin.tools.memory import rss
 from tests import models, python
 
 MiB = 2**20

@@ -11,8 +11,8 @@ import torch
 import transformers
 
 import pylomin
-from pylomin import manifest as fmt
-from pylomin.streaming import stream_of
+from pylomin.format import manifest as fmt
+from pylomin.runtime.streaming import stream_of
 from tests import models, python
 
 
@@ -96,7 +96,7 @@ def test_automodel_on_a_folder_with_a_head_loads_the_base_model(hf_dir, converte
     # As transformers' AutoModel does: the base model, its names without the head model's prefix.
     folder = converted(name)
     ref = models.pretrained(transformers.AutoModel, hf_dir(name))
-    with caplog.at_level("INFO", logger="pylomin.build"):
+    with caplog.at_level("INFO", logger="pylomin.runtime.build"):
         model = pylomin.load_streaming(folder, transformers.AutoModel, memory_budget=0)
     assert type(model).__name__ == type(ref).__name__
     if name == "llama":  # its own lm_head (GPT-2's is the embedding table, stored once)

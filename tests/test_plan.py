@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pylomin import manifest as fmt
-from pylomin import plan as plan_module
-from pylomin.plan import ExpertCache, Target, make_plan, merge
+from pylomin.format import manifest as fmt
+from pylomin.runtime import plan as plan_module
+from pylomin.runtime.plan import ExpertCache, Target, make_plan, merge
 
 # A GPT-2-like model: an embedding table tied to the LM head, positions, two blocks.
 TARGETS = [

@@ -14,9 +14,9 @@ import transformers
 from torch import nn
 
 import pylomin
-from pylomin import manifest as fmt
-from pylomin.memory import PeakRss
-from pylomin.streaming import parse_bytes, stream_of
+from pylomin.format import manifest as fmt
+from pylomin.runtime.streaming import parse_bytes, stream_of
+from pylomin.tools.memory import PeakRss
 from tests import models
 
 MiB = 2**20

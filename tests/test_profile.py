@@ -11,7 +11,7 @@ import torch
 import transformers
 
 import pylomin
-from pylomin.streaming import stream_of
+from pylomin.runtime.streaming import stream_of
 from tests import models
 
 
@@ -46,7 +46,7 @@ def test_profile_refuses_a_plain_model() -> None:
 
 
 def test_cli_run_with_trace(converted, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from pylomin.cli import main
+    from pylomin.tools.cli import main
 
     trace = tmp_path / "run.json"
     args = ["run", str(converted("bert")), "--model-cls", "transformers.BertModel", "--seq", "8", "--trace", str(trace)]

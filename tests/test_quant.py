@@ -14,10 +14,11 @@ import transformers
 from safetensors import safe_open
 
 import pylomin
-from pylomin import cli, quant
-from pylomin import manifest as fmt
+from pylomin import quant
 from pylomin.errors import PylominError
+from pylomin.format import manifest as fmt
 from pylomin.quant import Scheme
+from pylomin.tools import cli
 from tests import models
 
 VOCAB = 512
@@ -174,7 +175,7 @@ def test_layers_the_kernels_cannot_run_are_skipped_and_named(
     saved: Callable[[str], Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # intermediate 200: down_proj reads 200 inputs (not a multiple of 32), gate/up write 200 outputs.
-    with caplog.at_level(logging.WARNING, logger="pylomin.compress"):
+    with caplog.at_level(logging.WARNING, logger="pylomin.converter.compress"):
         folder = pylomin.convert(saved("odd"), tmp_path / "int4", quantize="int4", group_size=32, progress=False)
     q = fmt.read(folder).quantization
     assert q is not None
@@ -315,7 +316,7 @@ def test_lazy_loading_spills_quantized_units() -> None:
     assert isinstance(lazy.model.layers[0].mlp.up_proj, quant.Int8Linear)
     for seq in (1, 20):
         assert torch.equal(output(lazy, ids(seq)), output(ref, ids(seq)))
-    stream = pylomin.streaming.stream_of(lazy)
+    stream = pylomin.runtime.streaming.stream_of(lazy)
     stored = {i.dtype for u in stream.store.manifest.units for i in u.tensors.values()}
     assert stored == {"I8", "BF16", "F32"}  # payloads, scales, the head
     pylomin.unload_(lazy)

@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import pylomin
-from pylomin import manifest as fmt
-from pylomin.memory import rss
+from pylomin.format import manifest as fmt
+from pylomin.tools.memory import rss
 from tests import models, python
 
 MiB = 2**20
@@ -101,7 +101,7 @@ def test_converter_killed_at_random_points_leaves_nothing_that_looks_complete(tm
     out = tmp_path / "out"
     code = f"""
         import sys, time
-        from pylomin.cli import main
+        from pylomin.tools.cli import main
         print("START", flush=True)
         t0 = time.perf_counter()
         main(["convert", {str(src)!r}, {str(out)!r}, "--quiet", "--overwrite"])
@@ -142,7 +142,7 @@ def test_disk_full_is_a_clear_error_and_leaves_nothing(tmp_path: Path) -> None:
     src = big_checkpoint(tmp_path, units=2)
     code = f"""
         import resource, signal, sys
-        from pylomin.cli import main
+        from pylomin.tools.cli import main
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
         resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))  # per file: each unit is 2 MiB
         sys.exit(main(["convert", {str(src)!r}, {str(tmp_path / "out")!r}, "--quiet"]))

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import pylomin
-from pylomin import manifest as fmt
-from pylomin.meta import build_on_meta
-from pylomin.streaming import Options, attach_, stream_of
+from pylomin.format import manifest as fmt
+from pylomin.modeling import build_on_meta
+from pylomin.runtime.streaming import Options, attach_, stream_of
 from tests import models
 
 MiB = 2**20

@@ -13,8 +13,8 @@ import transformers
 from safetensors.torch import save_file
 
 import pylomin
-from pylomin import manifest as fmt
-from pylomin.memory import PeakRss
+from pylomin.format import manifest as fmt
+from pylomin.tools.memory import PeakRss
 from tests import models
 
 HF_CLASSES = {

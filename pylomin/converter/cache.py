@@ -9,9 +9,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pylomin import hub
-from pylomin import manifest as fmt
-from pylomin.convert import convert_local
+from pylomin.converter import hub
+from pylomin.converter.convert import convert_local
+from pylomin.format import manifest as fmt
 from pylomin.quant import Scheme
 
 logger = logging.getLogger(__name__)

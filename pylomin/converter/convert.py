@@ -20,12 +20,13 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from pylomin import _os, hub
-from pylomin import manifest as fmt
-from pylomin.checkpoint import Checkpoint, SourceTensor, byte_range, open_checkpoint
-from pylomin.compress import quantize_checkpoint
+from pylomin import _os
+from pylomin.converter import hub
+from pylomin.converter.checkpoint import Checkpoint, SourceTensor, byte_range, open_checkpoint
+from pylomin.converter.compress import quantize_checkpoint
+from pylomin.converter.layout import runtime_layout
 from pylomin.errors import PylominError
-from pylomin.layout import runtime_layout
+from pylomin.format import manifest as fmt
 from pylomin.quant import Quantization, Scheme
 
 logger = logging.getLogger(__name__)

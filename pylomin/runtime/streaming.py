@@ -17,18 +17,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from pylomin import cache, hub, layout, quant
-from pylomin import manifest as fmt
-from pylomin.adapt import HEADROOM, Adaptive, Decision, decide, with_available
-from pylomin.build import bind, stored_dtype
+from pylomin import quant
+from pylomin.converter import cache, hub, layout
 from pylomin.errors import PylominError
-from pylomin.hooks import HookManager, Slot
-from pylomin.limits import Memory, read_memory
-from pylomin.meta import build_on_meta, experts_count, resolve_model_cls
-from pylomin.plan import Plan, Target, make_plan
-from pylomin.prefetch import Prefetcher
-from pylomin.stage import Copy, PinnedCopy
-from pylomin.store import Store
+from pylomin.format import manifest as fmt
+from pylomin.modeling import build_on_meta, experts_count, resolve_model_cls
+from pylomin.runtime.adapt import HEADROOM, Adaptive, Decision, decide, with_available
+from pylomin.runtime.build import bind, stored_dtype
+from pylomin.runtime.hooks import HookManager, Slot
+from pylomin.runtime.limits import Memory, read_memory
+from pylomin.runtime.plan import Plan, Target, make_plan
+from pylomin.runtime.prefetch import Prefetcher
+from pylomin.runtime.stage import Copy, PinnedCopy
+from pylomin.runtime.store import Store
 
 logger = logging.getLogger(__name__)
 

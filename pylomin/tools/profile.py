@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from pylomin.streaming import stream_of
+from pylomin.runtime.streaming import stream_of
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from pylomin.store import Store
+from pylomin.runtime.store import Store
 
 # (source tensor on the CPU, dtype to cast floating tensors to or None) -> (device tensor, its ready event or None)
 Copy = Callable[[torch.Tensor, "torch.dtype | None"], "tuple[torch.Tensor, Any]"]

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from pylomin.checkpoint import Checkpoint, SourceTensor
+from pylomin.converter.checkpoint import Checkpoint, SourceTensor
 from pylomin.errors import PylominError
 
 if TYPE_CHECKING:
@@ -265,7 +265,7 @@ def to_runtime_layout(ckpt: Checkpoint, model: PreTrainedModel) -> tuple[Checkpo
 def runtime_layout(
     ckpt: Checkpoint, src: Path, model_cls: str | type | None
 ) -> tuple[Checkpoint, dict[str, str] | None, set[str], nn.Module | None]:
-    """A transformers folder's tensors in the layout its model class holds at run time (see `pylomin.layout`),
+    """A transformers folder's tensors in the layout its model class holds at run time (see `pylomin.converter.layout`),
     the layout's record, the model's fused-experts modules, and the model on meta (None without a class)."""
     if not (src.is_dir() and (src / "config.json").is_file()):
         if model_cls is not None:
@@ -276,7 +276,7 @@ def runtime_layout(
     except ImportError:
         logger.info("transformers is not installed: `%s` is converted with its tensor names as they are", src)
         return ckpt, None, set(), None
-    from pylomin.meta import build_on_meta, experts_count, resolve_model_cls
+    from pylomin.modeling import build_on_meta, experts_count, resolve_model_cls
 
     if model_cls is None:
         # The class that saved the checkpoint. Without one, names stay as they are: guessing a class

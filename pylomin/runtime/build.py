@@ -9,10 +9,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from pylomin import manifest as fmt
 from pylomin.errors import PylominError
-from pylomin.hooks import Slot
-from pylomin.store import Store
+from pylomin.format import manifest as fmt
+from pylomin.runtime.hooks import Slot
+from pylomin.runtime.store import Store
 
 logger = logging.getLogger(__name__)
 

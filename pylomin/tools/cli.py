@@ -12,11 +12,11 @@ import threading
 from collections.abc import Iterator, Sequence
 from types import FrameType
 
-from pylomin import cache
-from pylomin import manifest as fmt
-from pylomin.convert import convert
+from pylomin.converter import cache
+from pylomin.converter.convert import convert
 from pylomin.errors import PylominError
-from pylomin.store import verify
+from pylomin.format import manifest as fmt
+from pylomin.runtime.store import verify
 
 _USER_ERRORS = (OSError, ValueError, PylominError)  # OSError: missing paths, existing OUT_DIR, disk full
 _CONVERT_EXAMPLE = """example:
@@ -131,9 +131,9 @@ def _run_model(args: argparse.Namespace) -> int:
 
     import torch
 
-    from pylomin.meta import resolve_model_cls
-    from pylomin.profile import profile
-    from pylomin.streaming import load_streaming, stream_of
+    from pylomin.modeling import resolve_model_cls
+    from pylomin.runtime.streaming import load_streaming, stream_of
+    from pylomin.tools.profile import profile
 
     model_cls = resolve_model_cls(args.model_cls)
     model = load_streaming(

@@ -11,14 +11,14 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from pylomin.errors import PylominError
-from pylomin.plan import Range
-from pylomin.store import Store
+from pylomin.runtime.plan import Range
+from pylomin.runtime.store import Store
 
 logger = logging.getLogger(__name__)
 
 
 class Recorder(Protocol):
-    """What the hooks and the reader report to while profiling (`pylomin.profile.Profile`)."""
+    """What the hooks and the reader report to while profiling (`pylomin.tools.profile.Profile`)."""
 
     nbytes: list[int]
 

@@ -1,6 +1,6 @@
 """Memory that adapts: how much of a streamed model stays resident, from the memory this process may use.
 
-`memory_budget="auto"` (the default) reads the memory this process may use (`pylomin.limits`):
+`memory_budget="auto"` (the default) reads the memory this process may use (`pylomin.runtime.limits`):
 a model that fits is kept whole and warm (in-memory speed); one that does not keeps resident what
 fits, the most reused first, and streams the rest through a read-ahead window sized to fit too.
 Between forwards, at most once a second, the figure is read again and the resident part follows it.
@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pylomin.limits import Memory, read_memory
+from pylomin.runtime.limits import Memory, read_memory
 
 logger = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from pylomin.adapt import Adaptive
 from pylomin.errors import PylominError
-from pylomin.plan import ExpertCache, Plan, merge
-from pylomin.prefetch import Prefetcher, Recorder
-from pylomin.stage import Copy, Stager
-from pylomin.store import Store
+from pylomin.runtime.adapt import Adaptive
+from pylomin.runtime.plan import ExpertCache, Plan, merge
+from pylomin.runtime.prefetch import Prefetcher, Recorder
+from pylomin.runtime.stage import Copy, Stager
+from pylomin.runtime.store import Store
 
 logger = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from pylomin import quant
-from pylomin.checkpoint import Checkpoint, SourceTensor, byte_range
-from pylomin.layout import read_tensor
+from pylomin.converter.checkpoint import Checkpoint, SourceTensor, byte_range
+from pylomin.converter.layout import read_tensor
 from pylomin.quant import Quantization, Scheme
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from pylomin.checkpoint import EXTRA_FILES
+from pylomin.converter.checkpoint import EXTRA_FILES
 from pylomin.errors import PylominError
 
 logger = logging.getLogger(__name__)

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from pylomin import _os
-from pylomin import manifest as fmt
 from pylomin.errors import PylominError
+from pylomin.format import manifest as fmt
 
 logger = logging.getLogger(__name__)
 

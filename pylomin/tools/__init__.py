@@ -1,0 +1,1 @@
+"""Tools around the library: the CLI, the profiler and memory measurement."""
