@@ -1,13 +1,37 @@
 """pylomin: run PyTorch models whose weights do not fit in memory, streaming them from disk."""
 
-from pylomin.converter.convert import convert
-from pylomin.embedding import ChunkedEmbedding, chunked_embedding
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from pylomin.errors import PylominError
-from pylomin.lazy import lazy_loading
-from pylomin.quant import quantize_
-from pylomin.runtime.store import verify
-from pylomin.runtime.streaming import load_streaming, unload_
-from pylomin.tools.profile import Profile, profile
+
+# The public names resolve on first use (PEP 562), so that `import pylomin` imports no torch, and the
+# CLI, which runs this file first, answers `--help` in a thirtieth of the time torch takes to import.
+# An exported name must differ from every submodule's name: importing `pylomin.<name>` sets the package
+# attribute `<name>` to the module, hiding the export (tests/test_layers.py checks it).
+if TYPE_CHECKING:
+    from pylomin.converter.convert import convert
+    from pylomin.embedding import ChunkedEmbedding, chunked_embedding
+    from pylomin.lazy import lazy_loading
+    from pylomin.quant import quantize_
+    from pylomin.runtime.store import verify
+    from pylomin.runtime.streaming import load_streaming, unload_
+    from pylomin.tools.profile import Profile, profile
+
+_LAZY = {
+    "convert": "pylomin.converter.convert",
+    "ChunkedEmbedding": "pylomin.embedding",
+    "chunked_embedding": "pylomin.embedding",
+    "lazy_loading": "pylomin.lazy",
+    "quantize_": "pylomin.quant",
+    "verify": "pylomin.runtime.store",
+    "load_streaming": "pylomin.runtime.streaming",
+    "unload_": "pylomin.runtime.streaming",
+    "Profile": "pylomin.tools.profile",
+    "profile": "pylomin.tools.profile",
+}
 
 __version__ = "0.1.0"
 __all__ = [
@@ -24,3 +48,15 @@ __all__ = [
     "unload_",
     "verify",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name not in _LAZY:
+        raise AttributeError(f"module `pylomin` has no attribute `{name}`")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # resolved once; later lookups do not reach __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from pylomin.converter import hub
-from pylomin.converter.convert import convert_local
 from pylomin.format import manifest as fmt
 from pylomin.quant import Scheme
 
@@ -46,6 +45,10 @@ def converted(
     processes converting the same model wait on a lock; the second finds the first one's folder.
     """
     from filelock import FileLock
+
+    # The conversion (tqdm, the layout code) is imported only for a model not in the cache yet: the
+    # runtime reaches the converter through this module, and a repo id converted before loads without it.
+    from pylomin.converter.convert import convert_local
 
     hf_cls = model_cls if isinstance(model_cls, type) and hasattr(model_cls, "config_class") else None
     base = _repo_dir(repo_id, cache_dir)

@@ -12,11 +12,9 @@ import threading
 from collections.abc import Iterator, Sequence
 from types import FrameType
 
-from pylomin.converter import cache
-from pylomin.converter.convert import convert
+# Only what argparse needs: `--help` and argument errors import no torch (importing torch takes 30 times
+# as long as `pylomin --help` does in all). Each subcommand imports the converter or the runtime it runs.
 from pylomin.errors import PylominError
-from pylomin.format import manifest as fmt
-from pylomin.runtime.store import verify
 
 _USER_ERRORS = (OSError, ValueError, PylominError)  # OSError: missing paths, existing OUT_DIR, disk full
 _CONVERT_EXAMPLE = """example:
@@ -76,6 +74,9 @@ def _sigterm_raises() -> Iterator[None]:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from pylomin.converter.convert import convert
+    from pylomin.format import manifest as fmt
+
     with _sigterm_raises():
         out = convert(
             args.src,
@@ -98,6 +99,8 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
+    from pylomin.format import manifest as fmt
+
     m = fmt.read(args.folder)
     width = max([len(u.name) for u in m.units] + [4])
     print(f"{'unit':<{width}}  {'tensors':>7}  {'MiB':>9}  dtypes")
@@ -120,13 +123,14 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from pylomin.runtime.store import verify
+
     m = verify(args.folder)
     print(f"{args.folder}: OK ({len(m.units)} unit files, {m.nbytes / 2**20:.1f} MiB checked)")
     return 0
 
 
 def _run_model(args: argparse.Namespace) -> int:
-    import contextlib
     import time
 
     import torch
@@ -165,6 +169,8 @@ def _run_model(args: argparse.Namespace) -> int:
 
 
 def _cache_ls(args: argparse.Namespace) -> int:
+    from pylomin.converter import cache
+
     rows = cache.list_cache(args.cache_dir)
     print(f"pylomin cache: {cache.cache_root(args.cache_dir)}")
     for repo_id, commit, size in rows:
@@ -174,6 +180,8 @@ def _cache_ls(args: argparse.Namespace) -> int:
 
 
 def _cache_rm(args: argparse.Namespace) -> int:
+    from pylomin.converter import cache
+
     freed = cache.remove_from_cache(args.repo_id, args.cache_dir)
     print(f"removed {args.repo_id}: {freed / 2**20:.1f} MiB freed")
     return 0

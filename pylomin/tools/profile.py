@@ -10,11 +10,10 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
-from pylomin.runtime.streaming import stream_of
+if TYPE_CHECKING:
+    from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +199,8 @@ def profile(
         ...     model(input_ids)
         >>> print(prof.verdict())
     """
+    from pylomin.runtime.streaming import stream_of
+
     manager = stream_of(model).manager
     prof = Profile(
         names=list(manager.plan.names),
