@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -37,3 +38,23 @@ def test_info_into_a_reader_that_closes_early_ends_quietly(tmp_path: Path) -> No
     assert err == ""
     full = len(python.cli("info", str(out)).stdout)
     assert full > pipe_size + 8192, f"{full} bytes of output fit in the pipe ({pipe_size}) and stdout's buffer"
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["info", "{tmp}/nope"], "`{tmp}/nope` is not a converted pylomin folder"),
+        (["verify", "{tmp}/nope"], "`{tmp}/nope` is not a converted pylomin folder"),
+        (["run", "{tmp}/nope"], "`{tmp}/nope` does not exist"),
+        (["convert", "{tmp}/nope", "{tmp}/out"], "`{tmp}/nope` does not exist"),
+        (["cache", "rm", "org/none", "--cache-dir", "{tmp}"], "`org/none` is not in the pylomin cache"),
+    ],
+    ids=["info", "verify", "run", "convert", "cache rm"],
+)
+def test_each_command_reports_a_user_error_in_one_line(tmp_path: Path, args: list[str], says: str) -> None:
+    # Each command imports the converter or the runtime when it runs (see tests/test_layers.py): still
+    # inside the CLI's error handling, so a missing path is one line and exit status 2, not a traceback.
+    r = python.cli(*[a.format(tmp=tmp_path) for a in args])
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("pylomin: error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert says.format(tmp=tmp_path) in r.stderr
