@@ -14,8 +14,9 @@ from pylomin.errors import PylominError
 if TYPE_CHECKING:
     from pylomin.converter.convert import convert
     from pylomin.embedding import ChunkedEmbedding, chunked_embedding
+    from pylomin.format.quant import Int4WeightOnly, Int8WeightOnly
     from pylomin.lazy import lazy_loading
-    from pylomin.quant import quantize_
+    from pylomin.quantize import quantize_
     from pylomin.runtime.store import verify
     from pylomin.runtime.streaming import load_streaming, unload_
     from pylomin.tools.profile import Profile, profile
@@ -24,8 +25,10 @@ _LAZY = {
     "convert": "pylomin.converter.convert",
     "ChunkedEmbedding": "pylomin.embedding",
     "chunked_embedding": "pylomin.embedding",
+    "Int4WeightOnly": "pylomin.format.quant",
+    "Int8WeightOnly": "pylomin.format.quant",
     "lazy_loading": "pylomin.lazy",
-    "quantize_": "pylomin.quant",
+    "quantize_": "pylomin.quantize",
     "verify": "pylomin.runtime.store",
     "load_streaming": "pylomin.runtime.streaming",
     "unload_": "pylomin.runtime.streaming",
@@ -36,6 +39,8 @@ _LAZY = {
 __version__ = "0.1.0"
 __all__ = [
     "ChunkedEmbedding",
+    "Int4WeightOnly",
+    "Int8WeightOnly",
     "Profile",
     "PylominError",
     "__version__",

@@ -12,10 +12,13 @@ from typing import TypeVar
 
 from torch import nn
 
-from pylomin import _os, quant
+from pylomin import _os
 from pylomin.converter.checkpoint import from_tensors
 from pylomin.converter.convert import check_out, write_folder
 from pylomin.format import manifest as fmt
+from pylomin.format.quant import Scheme
+from pylomin.quantize import quantize_
+from pylomin.runtime.quant import QuantLinear
 from pylomin.runtime.streaming import Options, attach_, is_streamed
 
 M = TypeVar("M", bound=nn.Module)
@@ -32,7 +35,7 @@ def lazy_loading(
     prefetch: int = 2,
     prefetch_bytes: int | str = "256MiB",
     drop_page_cache: bool = True,
-    quantize: str | None = None,
+    quantize: str | Scheme | None = None,
 ) -> M:
     """Move the parameters of the chosen modules to disk; each module loads them only while it runs.
 
@@ -48,8 +51,10 @@ def lazy_loading(
         offload_dir: where the unit files go (kept after `unload_`); default a temporary folder,
             removed when the model is garbage-collected or `pylomin.unload_` is called.
         prefetch, prefetch_bytes, drop_page_cache: as for `load_streaming`.
-        quantize: `"int8"` or `"int4"` (`"int4-g128"`): quantize the Linear layers first
-            (`pylomin.quantize_`), so the spilled units are a quarter (an eighth) of the bytes.
+        quantize: `pylomin.Int8WeightOnly()`, `pylomin.Int4WeightOnly(...)` or `"int8"`, `"int4"`
+            (`"int4-g128"`): quantize the Linear layers first (`pylomin.quantize_`, which refuses a
+            scheme this machine's kernels cannot run), so the spilled units are a quarter (an
+            eighth) of the bytes.
             The model keeps the quantized layers after `unload_`.
 
     Returns:
@@ -69,9 +74,9 @@ def lazy_loading(
         before = {m: n for n, m in model.named_modules()}  # modules given as objects: by name, as they are replaced
         target_modules = None if target_modules is None else [_name(t, model, before) for t in target_modules]
         skip_modules = None if skip_modules is None else [_name(s, model, before) for s in skip_modules]
-        quant.quantize_(model, quant.Scheme.parse(quantize))
+        quantize_(model, quantize)
         if target_classes is not None and any(issubclass(nn.Linear, c) for c in target_classes):
-            target_classes = [*target_classes, quant.QuantLinear]  # Linear layers that are quantized now
+            target_classes = [*target_classes, QuantLinear]  # Linear layers that are quantized now
     names = {m: n for n, m in model.named_modules()}
     skipped = {_name(s, model, names) for s in skip_modules or []}
     if target_modules is not None:

@@ -1,8 +1,9 @@
-"""Building a model with its parameters on meta (nothing allocated, nothing read), from a class or an import path."""
+"""Building a model with its parameters on meta (nothing allocated, nothing read), and what both layers know of its modules."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import inspect
 import threading
@@ -110,3 +111,34 @@ def experts_count(module: nn.Module) -> int | None:
     if "top_k_index" not in inspect.signature(module.forward).parameters:
         return None
     return count
+
+
+def features(module: nn.Module) -> tuple[int, int] | None:
+    """(out, in) of a layer pylomin can quantize: `nn.Linear` (weight [out, in]) or transformers' `Conv1D`
+    (GPT-2's, weight [in, out]); None for any other module, or a subclass with its own forward."""
+    if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
+        return module.out_features, module.in_features
+    conv1d = _conv1d_class()
+    weight = getattr(module, "weight", None)
+    if conv1d is not None and type(module) is conv1d and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return int(weight.shape[1]), int(weight.shape[0])
+    return None
+
+
+def is_linear(module: nn.Module) -> bool:
+    """Whether `module` stores its weight [out, in] (nn.Linear), not [in, out] (Conv1D)."""
+    return isinstance(module, nn.Linear)
+
+
+def as_out_in(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """`weight` of `module` as [out, in] (a transposed view for Conv1D)."""
+    return weight if is_linear(module) else weight.t()
+
+
+@functools.cache
+def _conv1d_class() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D  # type: ignore[no-any-return]

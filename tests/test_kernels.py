@@ -11,7 +11,9 @@ from tests import python
 FORWARDS_AT_ODD_ADDRESSES = """
     import logging, torch
     from torch import nn
-    from pylomin import quant
+    from pylomin.converter.compress import quantize_weight
+    from pylomin.format.quant import parse_scheme
+    from pylomin.runtime import quant
 
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
 
@@ -29,9 +31,9 @@ FORWARDS_AT_ODD_ADDRESSES = """
     linear = nn.Linear(256, 64)
     ran = 0
     for spec in ("int8", "int4"):
-        scheme = quant.Scheme.parse(spec)
+        scheme = parse_scheme(spec)
         quant.check_kernels(scheme)
-        payload, scales = quant.quantize_weight(linear.weight.detach(), scheme)
+        payload, scales = quantize_weight(linear.weight.detach(), scheme)
         aligned = quant.make_module(linear, scheme, payload, scales)
         for w_off in (0, 1, 8):  # the int8 kernel needs 16 bytes (AVX-512)
             moved = quant.make_module(linear, scheme, at(payload, w_off), at(scales, 2))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -14,10 +15,13 @@ import transformers
 from safetensors import safe_open
 
 import pylomin
-from pylomin import quant
+from pylomin import Int4WeightOnly, Int8WeightOnly
+from pylomin.converter import cache
+from pylomin.converter.compress import skip_reason
 from pylomin.errors import PylominError
 from pylomin.format import manifest as fmt
-from pylomin.quant import Scheme
+from pylomin.format.quant import Quantization, Scheme, pack_digest, parse_scheme
+from pylomin.runtime import quant
 from pylomin.tools import cli
 from tests import models
 
@@ -128,10 +132,10 @@ def test_the_manifest_records_each_layer_and_the_files_hold_payload_and_scales(
     saved: Callable[[str], Path], tmp_path: Path
 ) -> None:
     plain = pylomin.convert(saved("llama"), tmp_path / "plain", progress=False)
-    folder = pylomin.convert(saved("llama"), tmp_path / "int4", quantize="int4", group_size=32, progress=False)
+    folder = pylomin.convert(saved("llama"), tmp_path / "int4", quantize=Int4WeightOnly(group_size=32), progress=False)
     m, p = fmt.read(folder), fmt.read(plain)
     q = m.quantization
-    assert q is not None and q.scheme == Scheme("int4", 32) and q.pack == quant.pack_digest()
+    assert q is not None and q.scheme == Int4WeightOnly(32) and q.pack == pack_digest()
     assert q.skipped == {"lm_head": "the LM head (quantize it with --quantize-head / head=True)"}
     assert len(q.modules) == 2 * 7  # q, k, v, o, gate, up, down per layer
     assert q.modules["model.layers.1.mlp.down_proj"] == {"in_features": 256, "out_features": 128, "dtype": "float32"}
@@ -154,20 +158,28 @@ def test_the_manifest_records_each_layer_and_the_files_hold_payload_and_scales(
 
 @pytest.mark.bitexact
 def test_the_lm_head_is_quantized_when_asked_and_a_tied_one_never(saved: Callable[[str], Path], tmp_path: Path) -> None:
-    folder = pylomin.convert(saved("llama"), tmp_path / "head", quantize="int8", quantize_head=True, progress=False)
-    assert "lm_head" in fmt.read(folder).quantization.modules  # type: ignore[union-attr]
+    scheme = Int8WeightOnly(head=True)
+    folder = pylomin.convert(saved("llama"), tmp_path / "head", quantize=scheme, progress=False)
+    q = fmt.read(folder).quantization
+    assert q is not None and "lm_head" in q.modules and "lm_head" not in q.skipped and q.scheme == scheme
+    assert json.loads((folder / fmt.MANIFEST_NAME).read_text())["quantization"]["head"] is True
     ref = models.pretrained(transformers.LlamaForCausalLM, saved("llama"))
-    pylomin.quantize_(ref, "int8", head=True)
-    model = pylomin.load_streaming(folder, transformers.LlamaForCausalLM)
+    assert "lm_head" not in pylomin.quantize_(ref, scheme)
+    assert isinstance(ref.lm_head, quant.Int8Linear)
+    model = pylomin.load_streaming(folder, transformers.LlamaForCausalLM, quantize=scheme)
+    assert isinstance(model.lm_head, quant.Int8Linear)
     assert torch.equal(output(model, ids(3)), output(ref, ids(3)))
+    # The string form quantizes no head: the folder says it holds one.
+    with pytest.raises(ValueError, match=r"holds int8 weights \(the LM head quantized too\); a converted folder"):
+        pylomin.load_streaming(folder, transformers.LlamaForCausalLM, quantize="int8")
 
-    tied = pylomin.convert(saved("tied"), tmp_path / "tied", quantize="int8", quantize_head=True, progress=False)
+    tied = pylomin.convert(saved("tied"), tmp_path / "tied", quantize=scheme, progress=False)
     q = fmt.read(tied).quantization
     assert q is not None and q.skipped["lm_head"] == "tied to another parameter"
     model = pylomin.load_streaming(tied, transformers.LlamaForCausalLM)
     assert type(model.lm_head) is torch.nn.Linear
     ref = models.pretrained(transformers.LlamaForCausalLM, saved("tied"))
-    assert pylomin.quantize_(ref, "int8", head=True)["lm_head"] == "tied to another parameter"
+    assert pylomin.quantize_(ref, scheme)["lm_head"] == "tied to another parameter"
     assert torch.equal(output(model, ids(3)), output(ref, ids(3)))
 
 
@@ -176,7 +188,7 @@ def test_layers_the_kernels_cannot_run_are_skipped_and_named(
 ) -> None:
     # intermediate 200: down_proj reads 200 inputs (not a multiple of 32), gate/up write 200 outputs.
     with caplog.at_level(logging.WARNING, logger="pylomin.converter.compress"):
-        folder = pylomin.convert(saved("odd"), tmp_path / "int4", quantize="int4", group_size=32, progress=False)
+        folder = pylomin.convert(saved("odd"), tmp_path / "int4", quantize="int4-g32", progress=False)
     q = fmt.read(folder).quantization
     assert q is not None
     assert q.skipped["model.layers.0.mlp.down_proj"] == "in_features 200 is not a multiple of the group size 32"
@@ -193,46 +205,113 @@ def test_layers_the_kernels_cannot_run_are_skipped_and_named(
 @pytest.mark.parametrize(
     ("shape", "scheme", "reason"),
     [
-        ((64, 256), Scheme("int8"), None),
-        ((64, 100), Scheme("int8"), "in_features 100 is not a multiple of 32"),
-        ((8, 64), Scheme("int8"), "small (8x64 < 4096 weights)"),
-        ((256,), Scheme("int8"), "1-D weight"),
-        ((72, 256), Scheme("int4", 64), "out_features 72 is not a multiple of 16"),
-        ((64, 96), Scheme("int4", 64), "in_features 96 is not a multiple of the group size 64"),
-        ((64, 192), Scheme("int4", 64), None),
+        ((64, 256), Int8WeightOnly(), None),
+        ((64, 100), Int8WeightOnly(), "in_features 100 is not a multiple of 32"),
+        ((8, 64), Int8WeightOnly(), "small (8x64 < 4096 weights)"),
+        ((256,), Int8WeightOnly(), "1-D weight"),
+        ((72, 256), Int4WeightOnly(64), "out_features 72 is not a multiple of 16"),
+        ((64, 96), Int4WeightOnly(64), "in_features 96 is not a multiple of the group size 64"),
+        ((64, 192), Int4WeightOnly(64), None),
     ],
 )
 def test_skip_reason(shape: tuple[int, ...], scheme: Scheme, reason: str | None) -> None:
-    assert quant.skip_reason(shape, scheme) == reason
+    assert skip_reason(shape, scheme) == reason
 
 
 @pytest.mark.parametrize(
-    ("spec", "group", "want"),
+    ("spec", "want"),
     [
-        ("int8", None, Scheme("int8")),
-        ("INT4", None, Scheme("int4", 64)),
-        ("int4", 128, Scheme("int4", 128)),
-        ("int4-g32", None, Scheme("int4", 32)),
+        ("int8", Int8WeightOnly()),
+        ("INT4", Int4WeightOnly(64)),
+        (" int4-g32", Int4WeightOnly(32)),
+        ("int4-g128", Int4WeightOnly(group_size=128)),
+        (Int4WeightOnly(128, head=True), Int4WeightOnly(128, head=True)),
     ],
 )
-def test_scheme_parse(spec: str, group: int | None, want: Scheme) -> None:
-    assert Scheme.parse(spec, group) == want
-    assert Scheme.parse(str(want)) == want
+def test_a_scheme_string_parses_to_its_config(spec: str | Scheme, want: Scheme) -> None:
+    assert parse_scheme(spec) == want
+    # str() is the shorthand that parses back; a string never quantizes the head.
+    assert parse_scheme(str(want)) == dataclasses.replace(want, head=False)
+
+
+def test_a_config_equals_its_string_form() -> None:
+    assert str(Int8WeightOnly()) == "int8" and str(Int4WeightOnly()) == "int4-g64"
+    assert str(Int4WeightOnly(group_size=128, head=True)) == "int4-g128"
+    assert parse_scheme("int4") == Int4WeightOnly() != Int4WeightOnly(head=True)
+    assert Int8WeightOnly() != Int4WeightOnly() and len({Int8WeightOnly(), parse_scheme("int8")}) == 1
+    assert repr(Int4WeightOnly(32)) == "Int4WeightOnly(group_size=32, head=False)"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Int8WeightOnly().head = True  # type: ignore[misc]
 
 
 @pytest.mark.parametrize(
-    ("spec", "group", "message"),
+    ("make", "message"),
     [
-        ("int2", None, "pylomin quantizes to 'int8' or 'int4'"),
-        ("int4-g48", None, "int4 groups are 32, 64, 128 inputs wide"),
-        ("int4", 16, "int4 groups are 32, 64, 128 inputs wide"),
-        ("int8", 64, "int8 has one scale per output channel"),
-        ("int4-g32", 64, "give the group size once"),
+        (lambda: parse_scheme("int2"), "quantize='int2': pylomin quantizes to 'int8' or 'int4' (groups: 'int4-g128')"),
+        (lambda: parse_scheme("int4-g48"), "quantize='int4-g48': int4 groups are 32, 64, 128 inputs wide"),
+        (lambda: parse_scheme("int4-gx"), "quantize='int4-gx': int4 groups are 32, 64, 128 inputs wide"),
+        (
+            lambda: parse_scheme("int8-g64"),
+            "quantize='int8-g64': int8 has one scale per output channel, no group size",
+        ),
+        (
+            lambda: parse_scheme(8),  # type: ignore[arg-type]
+            "quantize=8: give 'int8' or 'int4' (or 'int4-g32', 'int4-g64', 'int4-g128'), "
+            "or pylomin.Int8WeightOnly() / pylomin.Int4WeightOnly()",
+        ),
+        (lambda: Int4WeightOnly(group_size=48), "group_size=48: int4 groups are 32, 64, 128 inputs wide"),
+        (lambda: Int4WeightOnly(group_size=64.0), "group_size=64.0: int4 groups are 32, 64, 128 inputs wide"),  # type: ignore[arg-type]
+        (lambda: Int8WeightOnly(head="yes"), "head='yes': give True (quantize the LM head too) or False"),  # type: ignore[arg-type]
+        (lambda: Int4WeightOnly(head=1), "head=1: give True (quantize the LM head too) or False"),  # type: ignore[arg-type]
     ],
 )
-def test_scheme_parse_refuses(spec: str, group: int | None, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        Scheme.parse(spec, group)
+def test_a_bad_scheme_is_refused_with_what_is_allowed(make: Callable[[], object], message: str) -> None:
+    with pytest.raises(ValueError) as e:
+        make()
+    assert str(e.value) == message
+
+
+def test_every_entry_point_takes_a_config_or_its_string(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"^quantize='int3': pylomin quantizes to"):
+        pylomin.convert(tmp_path / "nowhere", tmp_path / "out", quantize="int3", progress=False)
+    with pytest.raises(ValueError, match=r"^quantize='int3': pylomin quantizes to"):
+        pylomin.load_streaming(tmp_path, transformers.LlamaForCausalLM, quantize="int3")
+    with pytest.raises(ValueError, match=r"^quantize='int3': pylomin quantizes to"):
+        pylomin.quantize_(llama(), "int3")
+    with pytest.raises(ValueError, match=r"^quantize='int3': pylomin quantizes to"):
+        pylomin.lazy_loading(llama(), quantize="int3")
+    # The head option is the config's field now.
+    with pytest.raises(TypeError, match="head"):
+        pylomin.quantize_(llama(), "int8", head=True)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="quantize_head"):
+        pylomin.convert(tmp_path / "nowhere", tmp_path / "out", quantize="int8", quantize_head=True)  # type: ignore[call-arg]
+
+
+def test_the_record_reads_what_earlier_folders_wrote() -> None:
+    # format_version 2 as written before the schemes were config objects: the same keys, the same values.
+    doc = {
+        "scheme": "int4",
+        "group_size": 128,
+        "head": True,
+        "pack": "crc32:0badf00d",
+        "torch": "2.13.0",
+        "modules": {"lm_head": {"in_features": 128, "out_features": 512, "dtype": "float32"}},
+        "skipped": {},
+    }
+    q = Quantization.from_json(doc)
+    assert q is not None and q.scheme == Int4WeightOnly(128, head=True) and q.pack == "crc32:0badf00d"
+    assert q.to_json() == doc
+    int8 = Quantization.from_json({**doc, "scheme": "int8", "group_size": 0, "head": False, "pack": None})
+    assert int8 is not None and int8.scheme == Int8WeightOnly()
+    assert int8.to_json()["group_size"] == 0
+
+
+def test_the_cache_key_of_a_scheme_is_its_string() -> None:
+    commit = "0" * 40
+    assert cache._folder_name(commit, None, Int4WeightOnly()) == f"{commit}.int4-g64"  # as before the configs
+    assert cache._folder_name(commit, None, parse_scheme("int8")) == f"{commit}.int8"
+    assert cache._folder_name(commit, None, Int8WeightOnly(head=True)) == f"{commit}.int8+head"
+    assert cache._folder_name(commit, None, None) == commit
 
 
 @pytest.mark.bitexact
@@ -292,6 +371,9 @@ def test_quantize_at_load_must_match_the_folder(saved: Callable[[str], Path], tm
     int8 = pylomin.convert(saved("llama"), tmp_path / "int8", quantize="int8", progress=False)
     plain = pylomin.convert(saved("llama"), tmp_path / "plain", progress=False)
     assert isinstance(pylomin.load_streaming(int8, transformers.LlamaForCausalLM, quantize="int8"), torch.nn.Module)
+    assert isinstance(
+        pylomin.load_streaming(int8, transformers.LlamaForCausalLM, quantize=Int8WeightOnly()), torch.nn.Module
+    )
     with pytest.raises(ValueError, match=r"holds int8 weights; a converted folder is loaded as it is"):
         pylomin.load_streaming(int8, transformers.LlamaForCausalLM, quantize="int4")
     with pytest.raises(ValueError, match=r"holds unquantized weights"):
@@ -308,16 +390,16 @@ def test_quantizing_a_bare_state_dict_says_what_it_needs(tmp_path: Path) -> None
 
 
 @pytest.mark.bitexact
-def test_lazy_loading_spills_quantized_units() -> None:
+def test_lazy_loading_spills_quantized_units(tmp_path: Path) -> None:
     model = llama()
     ref = copy.deepcopy(model)
     pylomin.quantize_(ref, "int8")
-    lazy = pylomin.lazy_loading(model, target_classes=[torch.nn.Linear], quantize="int8")
+    units = tmp_path / "units"
+    lazy = pylomin.lazy_loading(model, target_classes=[torch.nn.Linear], quantize="int8", offload_dir=units)
     assert isinstance(lazy.model.layers[0].mlp.up_proj, quant.Int8Linear)
     for seq in (1, 20):
         assert torch.equal(output(lazy, ids(seq)), output(ref, ids(seq)))
-    stream = pylomin.runtime.streaming.stream_of(lazy)
-    stored = {i.dtype for u in stream.store.manifest.units for i in u.tensors.values()}
+    stored = {i.dtype for u in fmt.read(units).units for i in u.tensors.values()}
     assert stored == {"I8", "BF16", "F32"}  # payloads, scales, the head
     pylomin.unload_(lazy)
     assert torch.equal(output(lazy, ids(3)), output(ref, ids(3)))
@@ -328,14 +410,71 @@ def test_cli_convert_quantized(saved: Callable[[str], Path], tmp_path: Path, cap
     assert (
         cli.convert_main([str(saved("llama")), str(out), "--quantize", "int4", "--group-size", "128", "--quiet"]) == 0
     )
-    assert fmt.read(out).quantization.scheme == Scheme("int4", 128)  # type: ignore[union-attr]
+    assert fmt.read(out).quantization.scheme == Int4WeightOnly(128)  # type: ignore[union-attr]
     capsys.readouterr()
     assert cli.main(["info", str(out)]) == 0
     info = capsys.readouterr().out
     assert "quantized int4-g128: 14 Linear layers; 1 kept as stored" in info
     assert "  kept lm_head: the LM head" in info
-    assert cli.convert_main([str(saved("llama")), str(tmp_path / "x"), "--group-size", "128"]) == 2
-    assert "group_size and quantize_head go with quantize=" in capsys.readouterr().err
+    head = tmp_path / "head"
+    assert cli.convert_main([str(saved("llama")), str(head), "--quantize", "int8", "--quantize-head", "--quiet"]) == 0
+    assert fmt.read(head).quantization.scheme == Int8WeightOnly(head=True)  # type: ignore[union-attr]
+    for args, message in [
+        (["--group-size", "128"], "--group-size and --quantize-head go with --quantize int8 or int4"),
+        (["--quantize-head"], "--group-size and --quantize-head go with --quantize int8 or int4"),
+        (
+            ["--quantize", "int8", "--group-size", "64"],
+            "--group-size goes with --quantize int4: int8 has one scale per output channel, no group size",
+        ),
+    ]:
+        assert cli.convert_main([str(saved("llama")), str(tmp_path / "x"), *args]) == 2
+        assert capsys.readouterr().err.strip() == f"pylomin-convert: error: {message}"
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture
+def refused(monkeypatch: pytest.MonkeyPatch) -> str:
+    """This machine's int8 kernel, as if its probe had failed (the probe's result is kept per process)."""
+    monkeypatch.setitem(quant._CHECKED, "int8", "the probe's reason")
+    return "weights quantized as int8 cannot run with torch"
+
+
+def test_a_scheme_the_kernels_cannot_run_is_refused_before_any_work(
+    refused: str, saved: Callable[[str], Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "out"
+    assert cli.convert_main([str(saved("llama")), str(out), "--quantize", "int8", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pylomin-convert: error: {refused} ") and "(the probe's reason)" in err, err
+    assert not out.exists()
+    model = llama()
+    with pytest.raises(PylominError, match=refused):
+        pylomin.quantize_(model, Int8WeightOnly(head=True))  # the head changes nothing in the kernel
+    with pytest.raises(PylominError, match=refused):
+        pylomin.lazy_loading(model, quantize="int8")
+    assert type(model.model.layers[0].mlp.up_proj) is torch.nn.Linear and model.lm_head.weight.device.type == "cpu"
+    # The converter runs no kernel: the folder is written, and refused where it is loaded.
+    folder = pylomin.convert(saved("llama"), out, quantize="int8", progress=False)
+    with pytest.raises(PylominError, match=refused):
+        pylomin.load_streaming(folder, transformers.LlamaForCausalLM)
+
+
+@pytest.mark.parametrize("scheme", [Int8WeightOnly(), Int4WeightOnly(32), Int4WeightOnly(64), Int4WeightOnly(128)])
+def test_the_kernel_probe_passes_here_and_fails_a_kernel_that_is_off(
+    scheme: Scheme, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert quant._try_kernel(scheme) is None
+    cls = quant.Int8Linear if isinstance(scheme, Int8WeightOnly) else quant.Int4Linear
+    real = cls._matmul
+    # A kernel that is off: its outputs in another order, as a layout read wrong gives.
+    monkeypatch.setattr(cls, "_matmul", lambda self, x: real(self, x).flip(-1))
+    assert quant._try_kernel(scheme).startswith("its kernel is off by ")  # type: ignore[union-attr]
+
+    def fails(self: object, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("could not create a primitive\nthe rest of torch's message")
+
+    monkeypatch.setattr(cls, "_matmul", fails)
+    assert quant._try_kernel(scheme) == "could not create a primitive"  # the error's first line
 
 
 @pytest.mark.bitexact

@@ -11,7 +11,7 @@ from typing import Any
 
 from pylomin.converter import hub
 from pylomin.format import manifest as fmt
-from pylomin.quant import Scheme
+from pylomin.format.quant import Scheme
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def converted(
 
     With a transformers `model_cls`, the tensors are converted to the layout that class holds at
     run time, and the cache keys the folder by class and transformers version as well as commit;
-    with `quantize`, by the scheme too.
+    with `quantize`, by the scheme too (`int8`, `int4-g64`; `+head` when the LM head is quantized too).
     A revision seen before resolves through the cache's `refs/` without touching the Hub. Two
     processes converting the same model wait on a lock; the second finds the first one's folder.
     """
@@ -77,7 +77,7 @@ def _folder_name(commit: str, hf_cls: type | None, quantize: Scheme | None = Non
         import transformers
 
         name = f"{commit}.{hf_cls.__name__}.transformers-{transformers.__version__}"
-    return name if quantize is None else f"{name}.{quantize}"
+    return name if quantize is None else f"{name}.{quantize}{'+head' if quantize.head else ''}"
 
 
 def _read(path: Path) -> str | None:

@@ -1,4 +1,4 @@
-"""The converter's side of compressed units: a checkpoint's Linear weights become quantized payloads and scales."""
+"""The converter's side of compressed units: the quantization math, and a checkpoint's Linear weights replaced by payloads and scales."""
 
 from __future__ import annotations
 
@@ -9,36 +9,131 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pylomin import quant
 from pylomin.converter.checkpoint import Checkpoint, SourceTensor, byte_range
 from pylomin.converter.layout import read_tensor
-from pylomin.quant import Quantization, Scheme
+from pylomin.format.quant import (
+    KERNEL_DTYPE,
+    Int8WeightOnly,
+    Quantization,
+    Scheme,
+    pack_digest,
+    payload_dtype,
+    stored_shapes,
+)
+from pylomin.modeling import as_out_in, features, is_linear
 
 logger = logging.getLogger(__name__)
 
+# Smaller weights are left as they are: a kernel call for a few KiB saves nothing worth its error.
+MIN_WEIGHT_NUMEL = 4096
+
+
+def skip_reason(shape: tuple[int, ...], scheme: Scheme) -> str | None:
+    """Why a Linear weight of `shape` [out, in] is not quantized with `scheme` (None: it is)."""
+    if len(shape) != 2:
+        return f"{len(shape)}-D weight"
+    n, k = shape
+    if n * k < MIN_WEIGHT_NUMEL:
+        return f"small ({n}x{k} < {MIN_WEIGHT_NUMEL} weights)"
+    # torch's CPU kernels read inputs in blocks: other widths give wrong results or crash (measured).
+    if isinstance(scheme, Int8WeightOnly):
+        return f"in_features {k} is not a multiple of 32" if k % 32 else None
+    if k % scheme.group_size:
+        return f"in_features {k} is not a multiple of the group size {scheme.group_size}"
+    if n % 16:
+        return f"out_features {n} is not a multiple of 16"
+    return None
+
+
+def choose(model: nn.Module, scheme: Scheme) -> tuple[list[str], dict[str, str]]:
+    """The Linear layers of `model` to quantize, and the skipped ones with the reason (the head: as `scheme.head` says)."""
+    counts: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    get_head = getattr(model, "get_output_embeddings", None)
+    lm_head = get_head() if callable(get_head) else None
+    chosen: list[str] = []
+    skipped: dict[str, str] = {}
+    for name, m in model.named_modules():
+        out_in = features(m)
+        if out_in is None:
+            continue
+        reason = skip_reason(out_in, scheme)
+        if counts.get(id(m.weight), 0) > 1:
+            reason = "tied to another parameter"
+        elif m is lm_head and not scheme.head:
+            reason = "the LM head (quantize it with --quantize-head / head=True)"
+        if reason is None:
+            chosen.append(name)
+        else:
+            skipped[name] = reason
+    return chosen, skipped
+
+
+def quantize_weight(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """`w` [out, in] -> (payload, scales) as stored: int8 [out, in] and bf16 [out]; or int4 packed by torch
+    (uint8 [out, in/2]) and bf16 scales and zeros [in/group, out, 2] (w ~ (q - 8) * scale + zero)."""
+    n, k = w.shape
+    int8 = isinstance(scheme, Int8WeightOnly)
+    q = torch.empty((n, k), dtype=torch.int8 if int8 else torch.int32)
+    scales = torch.empty(stored_shapes(n, k, scheme)[1], dtype=KERNEL_DTYPE)
+    # Rows a block at a time, into the outputs: the float math never holds more than a block.
+    rows = max(1, _BLOCK_ELEMENTS // max(k, 1))
+    for i in range(0, n, rows):
+        q[i : i + rows], block_scales = _quantize_rows(w[i : i + rows].detach().to(torch.float32), scheme)
+        if int8:
+            scales[i : i + rows] = block_scales
+        else:
+            scales[:, i : i + rows] = block_scales
+    if int8:
+        return q, scales
+    # int4: torch packs the whole [N, in] matrix at once (its layout interleaves rows).
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2), scales
+
+
+_BLOCK_ELEMENTS = 2**20
+
+
+def _quantize_rows(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
+    # w: [rows, in] fp32. Scales (and zeros) are rounded to bf16 first and the weights quantized
+    # against the rounded values, so the kernel sees exactly what the rounding chose.
+    tiny = torch.finfo(KERNEL_DTYPE).tiny
+    if isinstance(scheme, Int8WeightOnly):
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=tiny).to(KERNEL_DTYPE)  # [rows]
+        return (w / scale.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale
+    rows, k = w.shape
+    g = scheme.group_size
+    wg = w.reshape(rows, k // g, g)  # [rows, groups, g]
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=tiny).to(KERNEL_DTYPE)
+    zero = (lo + 8 * scale.float()).to(KERNEL_DTYPE)
+    q = ((wg - zero.float()[..., None]) / scale.float()[..., None] + 8).round_().clamp_(0, 15)
+    scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1)  # [groups, rows, 2]
+    return q.to(torch.int32).reshape(rows, k), scales_zeros
+
 
 def quantize_checkpoint(
-    ckpt: Checkpoint, model: nn.Module | None, scheme: Scheme, *, head: bool, src: Path
+    ckpt: Checkpoint, model: nn.Module | None, scheme: Scheme, *, src: Path
 ) -> tuple[Checkpoint, Quantization]:
     """`ckpt` with the weights of `model`'s quantizable Linear layers replaced by payload and scales.
 
     Each weight is read and quantized when its unit is written, one layer at a time: memory is
-    bounded by about 1.5x (int8) to 2.5x (int4) the largest Linear weight, never the model.
+    bounded by about 1.5x (int8) to 2.5x (int4) the largest Linear weight, never the model. Whether
+    this machine's kernels run `scheme` is the caller's to check: the math here calls no kernel.
     """
     if model is None:
         raise ValueError(
             f"quantizing needs the model's Linear layers: `{src}` has no config.json naming a transformers class; "
             "convert a model folder, or pass model_cls (--model-cls)"
         )
-    quant.check_kernels(scheme)
-    chosen, skipped = quant.choose(model, scheme, head=head)
+    chosen, skipped = choose(model, scheme)
     by_name = {t.name: t for t in ckpt.tensors}
     tied = set(ckpt.aliases) | set(ckpt.aliases.values())
-    record = Quantization(scheme, head=head, pack=quant.pack_digest() if scheme.name == "int4" else None)
+    record = Quantization(scheme, pack=None if isinstance(scheme, Int8WeightOnly) else pack_digest())
     replaced: dict[str, list[SourceTensor]] = {}
     for name in chosen:
         layer = model.get_submodule(name)
-        out_in = quant.features(layer)
+        out_in = features(layer)
         assert out_in is not None
         t = by_name.get(f"{name}.weight")
         reason = None
@@ -46,17 +141,17 @@ def quantize_checkpoint(
             reason = "its weight is not in the checkpoint"
         elif t.name in tied:
             reason = "tied to another parameter"
-        elif not t.dtype.is_floating_point or t.shape != (out_in if quant.is_linear(layer) else out_in[::-1]):
+        elif not t.dtype.is_floating_point or t.shape != (out_in if is_linear(layer) else out_in[::-1]):
             reason = f"stored as {t.dtype} {list(t.shape)}"
         if reason is not None or t is None:
             skipped[name] = reason or ""
             continue
         job = _Quantize(t, scheme, layer)
         out_features, in_features = out_in
-        payload_shape, scales_shape = quant.stored_shapes(out_features, in_features, scheme)
+        payload_shape, scales_shape = stored_shapes(out_features, in_features, scheme)
         replaced[t.name] = [
-            SourceTensor(t.name, quant.payload_dtype(scheme), payload_shape, t.file, keep_dtype=True),
-            SourceTensor(f"{name}.scales", quant.KERNEL_DTYPE, scales_shape, t.file, keep_dtype=True),
+            SourceTensor(t.name, payload_dtype(scheme), payload_shape, t.file, keep_dtype=True),
+            SourceTensor(f"{name}.scales", KERNEL_DTYPE, scales_shape, t.file, keep_dtype=True),
         ]
         for i, out in enumerate(replaced[t.name]):
             out.produce = partial(job.take, i)
@@ -90,8 +185,8 @@ class _Quantize:
 
     def take(self, i: int) -> torch.Tensor:
         if not self.out:
-            weight = quant.as_out_in(self.layer, _materialize(self.source))
-            self.out = list(quant.quantize_weight(weight, self.scheme))
+            weight = as_out_in(self.layer, _materialize(self.source))
+            self.out = list(quantize_weight(weight, self.scheme))
         value, self.out[i] = self.out[i], None
         assert value is not None, f"`{self.source.name}` was taken twice"
         if all(v is None for v in self.out):

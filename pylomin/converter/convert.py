@@ -27,7 +27,7 @@ from pylomin.converter.compress import quantize_checkpoint
 from pylomin.converter.layout import runtime_layout
 from pylomin.errors import PylominError
 from pylomin.format import manifest as fmt
-from pylomin.quant import Quantization, Scheme
+from pylomin.format.quant import Quantization, Scheme, parse_scheme
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +48,7 @@ def convert(
     progress: bool = True,
     revision: str | None = None,
     model_cls: str | type | None = None,
-    quantize: str | None = None,
-    group_size: int | None = None,
-    quantize_head: bool = False,
+    quantize: str | Scheme | None = None,
 ) -> Path:
     """Shard a checkpoint into one safetensors file per unit plus a `pylomin.json` manifest.
 
@@ -73,13 +71,14 @@ def convert(
             such as `"transformers.MixtralForCausalLM"`); default the class in `config.json`'s
             `architectures`. Tensors are written in the layout this class holds at run time
             (transformers' checkpoint conversion mapping: renamed keys, fused experts).
-        quantize: `"int8"` (symmetric, one scale per output channel) or `"int4"` (groups of
-            `group_size` inputs, 32/64/128, default 64; `"int4-g128"` also reads) weight-only
-            quantization of the `nn.Linear` layers; embeddings, norms, biases, tied weights and the
-            LM head are kept as stored. Layers the kernels cannot run (odd shapes) are skipped and
-            logged. Needs a model folder (config.json) or `model_cls`.
-        group_size: with `quantize="int4"`, inputs per scale.
-        quantize_head: quantize the LM head too (when it is not tied to the embeddings).
+        quantize: weight-only quantization of the `nn.Linear` layers: `pylomin.Int8WeightOnly()`
+            (symmetric, one scale per output channel) or `pylomin.Int4WeightOnly(group_size=64)`
+            (a scale and zero per 32/64/128 inputs), or the shorthand `"int8"`, `"int4"`,
+            `"int4-g128"`. Embeddings, norms, biases, tied weights and the LM head (unless the
+            config's `head=True`) are kept as stored. Layers the kernels cannot run (odd shapes)
+            are skipped and logged. Needs a model folder (config.json) or `model_cls`. Whether
+            this machine's kernels run the scheme is checked where the folder is loaded
+            (`pylomin-convert` checks first).
 
     Returns:
         The path of the converted folder.
@@ -91,9 +90,7 @@ def convert(
         raise ValueError(f"unit must be 'block' or 'leaf', got {unit!r}")
     if blocks_per_unit < 1:
         raise ValueError(f"blocks_per_unit must be >= 1, got {blocks_per_unit}")
-    scheme = Scheme.parse(quantize, group_size) if quantize is not None else None
-    if scheme is None and (group_size is not None or quantize_head):
-        raise ValueError("group_size and quantize_head go with quantize='int8' or 'int4'")
+    scheme = parse_scheme(quantize) if quantize is not None else None
     out_dtype = fmt.parse_dtype(dtype) if isinstance(dtype, str) else dtype
     if out_dtype is not None and not out_dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point dtype, got `{out_dtype}`")
@@ -116,7 +113,6 @@ def convert(
         progress=progress,
         model_cls=model_cls,
         quantize=scheme,
-        quantize_head=quantize_head,
     )
     return out
 
@@ -133,7 +129,6 @@ def convert_local(
     progress: bool = True,
     model_cls: str | type | None = None,
     quantize: Scheme | None = None,
-    quantize_head: bool = False,
 ) -> fmt.Manifest:
     """`convert` of a local checkpoint, arguments already checked; `source` goes into the manifest."""
     ckpt = open_checkpoint(src)
@@ -147,7 +142,7 @@ def convert_local(
     ckpt, layout, experts, model = runtime_layout(ckpt, Path(src), model_cls)
     quantization = None
     if quantize is not None:
-        ckpt, quantization = quantize_checkpoint(ckpt, model, quantize, head=quantize_head, src=Path(src))
+        ckpt, quantization = quantize_checkpoint(ckpt, model, quantize, src=Path(src))
     plan = plan_units([t.name for t in ckpt.tensors], unit=unit, blocks_per_unit=blocks_per_unit, own=experts)
     source = {**source, "path": str(Path(src).resolve())}
     source["files"] = [{"name": f.name, "size": f.stat().st_size} for f in ckpt.weight_files]

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from pylomin.errors import PylominError
-from pylomin.quant import Quantization
+from pylomin.format.quant import Quantization
 
 logger = logging.getLogger(__name__)
 

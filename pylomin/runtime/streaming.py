@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from pylomin import quant
 from pylomin.converter import cache, hub, layout
 from pylomin.errors import PylominError
 from pylomin.format import manifest as fmt
+from pylomin.format.quant import Scheme, parse_scheme
 from pylomin.modeling import build_on_meta, experts_count, resolve_model_cls
 from pylomin.runtime.adapt import HEADROOM, Adaptive, Decision, decide, with_available
 from pylomin.runtime.build import bind, stored_dtype
@@ -28,6 +28,7 @@ from pylomin.runtime.hooks import HookManager, Slot
 from pylomin.runtime.limits import Memory, read_memory
 from pylomin.runtime.plan import Plan, Target, make_plan
 from pylomin.runtime.prefetch import Prefetcher
+from pylomin.runtime.quant import check_kernels, prepare_
 from pylomin.runtime.stage import Copy, PinnedCopy
 from pylomin.runtime.store import Store
 
@@ -114,7 +115,7 @@ def load_streaming(
     memory_budget: int | str | None = "auto",
     revision: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
-    quantize: str | None = None,
+    quantize: str | Scheme | None = None,
 ) -> nn.Module:
     """Build `model_cls` with its parameters on disk, paged in per unit as the model runs.
 
@@ -146,9 +147,10 @@ def load_streaming(
         revision: with a repo id, the branch, tag or commit (default `main`).
         cache_dir: with a repo id, where converted models are kept (default `$PYLOMIN_CACHE`,
             else `~/.cache/pylomin`).
-        quantize: with a repo id, convert it with `"int8"` or `"int4"` (`"int4-g128"`) Linear
-            weights (see `pylomin.convert`); the scheme is part of the cache key. A converted
-            folder needs nothing: it says what it holds (this only checks it).
+        quantize: with a repo id, convert it with quantized Linear weights (see `pylomin.convert`):
+            `pylomin.Int8WeightOnly()`, `pylomin.Int4WeightOnly(...)` or `"int8"`, `"int4"`,
+            `"int4-g128"`; the scheme is part of the cache key. A converted folder needs nothing:
+            it says what it holds (this only checks it).
 
     Returns:
         The model in eval mode, ready for inference; outputs equal the in-memory model's.
@@ -167,9 +169,11 @@ def load_streaming(
         memory_budget=memory_budget,
     )
     model_cls = resolve_model_cls(model_cls)
-    scheme = quant.Scheme.parse(quantize) if quantize is not None else None
+    scheme = parse_scheme(quantize) if quantize is not None else None
     folder = Path(path)
     if hub.is_repo_id(path):
+        if scheme is not None:
+            check_kernels(scheme)  # before converting: a scheme this machine cannot run is refused first
         folder = cache.converted(os.fspath(path), revision, cache_dir=cache_dir, model_cls=model_cls, quantize=scheme)
     elif not folder.exists():
         raise FileNotFoundError(
@@ -178,26 +182,18 @@ def load_streaming(
     manifest = fmt.read(folder)
     held = manifest.quantization
     if scheme is not None and (held is None or held.scheme != scheme):
+        holds = "unquantized weights" if held is None else f"{held.scheme} weights"
+        if held is not None and held.scheme.head != scheme.head:
+            holds += " (the LM head quantized too)" if held.scheme.head else " (the LM head as stored)"
         raise ValueError(
-            f"quantize={quantize!r}, but `{folder}` holds {f'{held.scheme} weights' if held else 'unquantized weights'}; "
+            f"quantize={quantize!r}, but `{folder}` holds {holds}; "
             f"a converted folder is loaded as it is: convert it with `pylomin-convert SRC OUT_DIR --quantize ...`"
         )
     model = build_on_meta(model_cls, folder, options.dtype or stored_dtype(manifest))
     layout.check(manifest.layout, model, folder)
     if held is not None:
-        _prepare_quantized(model, held, folder, options.device)
+        prepare_(model, held, folder, options.device)
     return attach_(model, folder, manifest, options).eval()
-
-
-def _prepare_quantized(model: nn.Module, held: quant.Quantization, folder: Path, device: torch.device) -> None:
-    """The folder's quantized Linear layers swapped in on meta, after checking this machine runs them right."""
-    if held.scheme.name == "int4" and device.type != "cpu":
-        raise PylominError(
-            f"`{folder}` holds int4 weights in the layout of torch's CPU kernel, which {device} cannot run; "
-            "load it with device='cpu', or convert with --quantize int8 for a GPU"
-        )
-    quant.check_kernels(held.scheme, held.pack, folder)
-    quant.swap_(model, held, folder)
 
 
 def attach_(

@@ -76,6 +76,20 @@ def _sigterm_raises() -> Iterator[None]:
 def _convert(args: argparse.Namespace) -> int:
     from pylomin.converter.convert import convert
     from pylomin.format import manifest as fmt
+    from pylomin.format.quant import DEFAULT_GROUP_SIZE, Int4WeightOnly, Int8WeightOnly
+    from pylomin.runtime.quant import check_kernels
+
+    if args.quantize is None and (args.group_size is not None or args.quantize_head):
+        raise ValueError("--group-size and --quantize-head go with --quantize int8 or int4")
+    if args.quantize == "int8" and args.group_size is not None:
+        raise ValueError("--group-size goes with --quantize int4: int8 has one scale per output channel, no group size")
+    quantize: Int8WeightOnly | Int4WeightOnly | None = None
+    if args.quantize == "int8":
+        quantize = Int8WeightOnly(head=args.quantize_head)
+    elif args.quantize == "int4":
+        quantize = Int4WeightOnly(args.group_size or DEFAULT_GROUP_SIZE, head=args.quantize_head)
+    if quantize is not None:
+        check_kernels(quantize)  # the converter runs no kernel: a scheme this machine cannot run is refused first
 
     with _sigterm_raises():
         out = convert(
@@ -88,9 +102,7 @@ def _convert(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             revision=args.revision,
             model_cls=args.model_cls,
-            quantize=args.quantize,
-            group_size=args.group_size,
-            quantize_head=args.quantize_head,
+            quantize=quantize,
         )
     m = fmt.read(out)
     if not args.quiet:

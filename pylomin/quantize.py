@@ -1,0 +1,41 @@
+"""`quantize_`: the Linear layers of a model in memory quantized in place, as a converted folder holds them."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from pylomin.converter.compress import choose, quantize_weight
+from pylomin.format.quant import Scheme, parse_scheme
+from pylomin.modeling import as_out_in
+from pylomin.runtime.quant import check_kernels, make_module
+
+
+def quantize_(model: nn.Module, scheme: str | Scheme) -> dict[str, str]:
+    """Quantize the Linear layers of an in-memory `model` in place (one layer at a time); returns the skipped ones.
+
+    The same layers and modules a converted folder gets, so an in-memory model and a streamed one
+    give identical outputs. A scheme this machine's kernels cannot run is refused first.
+
+    Args:
+        model: a model in memory (changed in place).
+        scheme: `pylomin.Int8WeightOnly()` or `pylomin.Int4WeightOnly(group_size=...)` (with
+            `head=True`, the LM head too), or the shorthand `"int8"`, `"int4"`, `"int4-g128"`.
+
+    Returns:
+        The Linear layers left as they are, each with the reason (too small, tied, an odd width, the head).
+
+    Example:
+        >>> skipped = pylomin.quantize_(model, "int8")
+        >>> skipped = pylomin.quantize_(model, pylomin.Int4WeightOnly(group_size=128, head=True))
+    """
+    scheme = parse_scheme(scheme)
+    check_kernels(scheme)
+    chosen, skipped = choose(model, scheme)
+    for name in chosen:
+        parent, _, attr = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        layer = getattr(owner, attr)
+        payload, scales = quantize_weight(as_out_in(layer, layer.weight), scheme)  # on the CPU
+        device = layer.weight.device
+        setattr(owner, attr, make_module(layer, scheme, payload.to(device), scales.to(device)))
+    return skipped
