@@ -26,14 +26,15 @@ test: install
 	ATEN_CPU_CAPABILITY=default $(BIN)/python -m pytest -q -m bitexact
 
 lint: install
-	$(BIN)/ruff check pylomin tests scripts examples
-	$(BIN)/ruff format --check pylomin tests scripts examples
+	$(BIN)/ruff check pylomin tests scripts examples benchmarks
+	$(BIN)/ruff format --check pylomin tests scripts examples benchmarks
 	$(BIN)/mypy
 
 # Every contender side by side (< 20 min; BENCH_ARGS=--quick for a small model). The focused
-# benchmarks: scripts/bench_convert.py (the converter), scripts/bench_prefetch.py (prefetch, budgets).
+# benchmarks: python -m benchmarks.CASE (prefetch, moe, ladder, quant, shrink, interrupt; docs/benchmarks.md),
+# scripts/bench_convert.py (the converter).
 bench: install
-	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.side_by_side $(BENCH_ARGS)
 
 demo: install
 	$(BIN)/python scripts/demo.py

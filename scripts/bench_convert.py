@@ -22,8 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import MIB, benchmark_bert, evict  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.harness import internals, models  # noqa: E402
+from benchmarks.harness.measure import evict  # noqa: E402
+from benchmarks.harness.paths import MIB  # noqa: E402
 
 SLACK = 64 * MIB  # allowed above the largest tensor
 
@@ -31,12 +33,11 @@ SLACK = 64 * MIB  # allowed above the largest tensor
 def child_convert(src: Path) -> None:
     """Convert `src` into a temporary folder and print one JSON line of measurements."""
     import pylomin
-    from pylomin.memory import PeakRss, rss
 
-    base = rss()
+    base = internals.rss()
     tmp = Path(tempfile.mkdtemp(prefix=".bench-convert-", dir=src.parent))
     try:
-        with PeakRss() as peak:
+        with internals.peak_rss() as peak:
             t0 = time.perf_counter()
             pylomin.convert(src, tmp / "out", progress=False)
             seconds = time.perf_counter() - t0
@@ -155,7 +156,7 @@ def main() -> None:
 
 def run(quick: bool) -> None:
     """Build the checkpoints if missing, measure, and print the table."""
-    src = benchmark_bert(quick)
+    src = (models.BERT_SMALL if quick else models.BERT).src()
     folders = {"safetensors": src, "bin": ensure_bin(src)}
     name, largest = largest_tensor(src / "model.safetensors")
     size = (src / "model.safetensors").stat().st_size

@@ -41,10 +41,11 @@ import transformers  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import pylomin  # noqa: E402
-from pylomin import manifest as fmt  # noqa: E402
-from pylomin.stage import Copy, PinnedCopy, Stager  # noqa: E402
-from pylomin.store import Store  # noqa: E402
-from pylomin.streaming import stream_of  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.harness import internals  # noqa: E402
+
+Store, Stager, PinnedCopy = internals.staging()
 
 MIB = 2**20
 GB = 1e9
@@ -173,7 +174,7 @@ def h2d_size(device: torch.device, size: int, count: int, repeats: int, tmp: Pat
     n = size * MIB
     pageable = [torch.full((n,), i, dtype=torch.uint8) for i in range(count)]  # faulted in: anonymous memory
     methods: dict[str, Callable[[], None]] = {}
-    copy: Copy
+    copy: Any
     if device.type == "cuda":
         pinned = [t.pin_memory() for t in pageable]
         ring = PinnedCopy(device, n)
@@ -206,7 +207,7 @@ def h2d_size(device: torch.device, size: int, count: int, repeats: int, tmp: Pat
     src.unlink()
     names = [f"blocks.{i}.weight" for i in range(count)]
     rows = []
-    with Store(folder, fmt.read(folder), drop_page_cache=False) as store:
+    with Store(folder, internals.manifest(folder), drop_page_cache=False) as store:
         stager = Stager(store, {i: [name] for i, name in enumerate(names)}, {}, copy)
 
         def staged() -> None:
@@ -233,17 +234,6 @@ def h2d_size(device: torch.device, size: int, count: int, repeats: int, tmp: Pat
 
 
 # --- (b) a Llama-shaped model, per tier -----------------------------------------------------------
-
-
-def streamed_bytes(model: torch.nn.Module) -> int:
-    """Bytes a forward copies in: every hooked tensor not kept resident, once per module using it."""
-    manager = stream_of(model).manager
-    return sum(
-        manager.store.location(s.stored_name)[2]
-        for slots in manager.targets.values()
-        for s in slots
-        if s.stored_name not in manager.plan.resident
-    )
 
 
 def measure(
@@ -359,7 +349,7 @@ def tiers(args: argparse.Namespace, device: torch.device, tmp: Path, budget: Bud
 
     t0 = time.perf_counter()
     folder = pylomin.convert(hf, tmp / "pl", progress=False)
-    manifest = fmt.read(folder)
+    manifest = internals.manifest(folder)
     files = [folder / u.file for u in manifest.units]
     info.update(bytes=manifest.nbytes, units=len(manifest.units), convert_s=time.perf_counter() - t0)
     info["largest_unit_bytes"] = max(u.nbytes for u in manifest.units)
@@ -403,8 +393,10 @@ def tiers(args: argparse.Namespace, device: torch.device, tmp: Path, budget: Bud
             model = pylomin.load_streaming(folder, cls, device=device, **options)
             load_s = time.perf_counter() - t0
             m = measure(model, x, device, runs, steps, budget, before)
-            row = tier_row(name, how, m, ref, streamed_bytes(model))
-            row.update(load_s=load_s, peak_mib=peak_mib(device, base), note=stream_of(model).manager.memory_note)
+            row = tier_row(name, how, m, ref, internals.copied_bytes(model))
+            row.update(
+                load_s=load_s, peak_mib=peak_mib(device, base), note=internals.memory_policy(model)["memory_note"]
+            )
             if before is not None:
                 row["cache_drop"] = (
                     sorted(set(drops)) if cold else f"not cold: {info['work_dir_fs']} keeps files in memory"

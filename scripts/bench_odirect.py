@@ -18,7 +18,7 @@ passes; the page cache of the files is dropped (`POSIX_FADV_DONTNEED` per file) 
 CPU s is `time.process_time()` over a pass (all threads, user + system).
 
 Each variant then runs once more in a child process in a cgroup v1 memory group
-(`scripts/_cgroup.py` `run_capped`): under a 4 GiB limit that does not bind, whose `max_usage` is
+(`benchmarks/harness/cgroup.py` `run_capped`): under a 4 GiB limit that does not bind, whose `max_usage` is
 the "charged MiB", and under a tight limit (512 MiB by default). `run_capped` drops the whole page
 cache before each child; here that drop is replaced by the per-file drop of the test files (the
 machine may be shared, and a global drop would disturb anything else running on it); `--drop-all`
@@ -47,8 +47,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _cgroup  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.harness import cgroup  # noqa: E402
+from benchmarks.harness.measure import drop_page_cache  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 2**20
@@ -300,13 +301,8 @@ def capped(variant: Variant, paths: list[Path], limit: int, drop_all: bool, work
     out = work / f"{variant.method}-{variant.chunk_mib}-{variant.threads}-{limit}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant.key, "--out", str(out)]
     cmd += ["--paths", *map(str, paths)]
-    drop = _cgroup._drop_page_cache
-    if not drop_all:
-        _cgroup._drop_page_cache = lambda: drop_files(paths)  # type: ignore[assignment]
-    try:
-        run = _cgroup.run_capped(cmd, limit, timeout=120, env=os.environ.copy())
-    finally:
-        _cgroup._drop_page_cache = drop
+    drop = drop_page_cache if drop_all else lambda: drop_files(paths)
+    run = cgroup.run_capped(cmd, limit, timeout=120, env=os.environ.copy(), drop=drop)
     result: dict[str, Any] = json.loads(out.read_text()) if run.ok and out.is_file() else {}
     return {**result, "ok": run.ok, "reason": run.reason, "max_usage": run.max_usage}
 
@@ -345,7 +341,7 @@ def main() -> None:
     if args.only:
         wanted = set(args.only.split(","))
         variants = [v for v in VARIANTS if v.method in wanted]
-    why_not = None if args.no_capped else _cgroup.unavailable()
+    why_not = None if args.no_capped else cgroup.unavailable()
     print(
         f"{len(paths)} files, {total / MIB:.0f} MiB in all (largest {max(p.stat().st_size for p in paths) / MIB:.1f} MiB), "
         f"{args.reps} passes per variant, interleaved",

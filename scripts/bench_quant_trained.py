@@ -31,11 +31,10 @@ from typing import Any
 import torch
 import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import MODELS, ROOT  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pylomin  # noqa: E402
-from pylomin import manifest  # noqa: E402
+from benchmarks.harness import internals  # noqa: E402
+from benchmarks.harness.paths import MODELS, ROOT  # noqa: E402
 
 VOCAB, CANDIDATES, SEQ, BATCH = 512, 4, 64, 32
 PROBS = torch.tensor([0.55, 0.25, 0.15, 0.05])
@@ -128,7 +127,7 @@ def main() -> int:
             )
             model = pylomin.load_streaming(folder, transformers.LlamaForCausalLM)
             rows[scheme] = measure(model, rows.get("fp32"), data, best, prompts)
-            rows[scheme]["bytes"] = manifest.read(folder).nbytes
+            rows[scheme]["bytes"] = internals.manifest(folder).nbytes
             pylomin.unload_(model)
     print(f"\n### {src.name}: trained here; 64 held-out sequences of {SEQ} tokens, 16 prompts x 64 greedy tokens\n")
     print(

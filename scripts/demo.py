@@ -21,8 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BERT_1_6G, ENV, MIB, MODELS, ensure_bert, ensure_converted  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.harness import internals, models  # noqa: E402
+from benchmarks.harness.paths import ENV, MIB, MODELS  # noqa: E402
 
 MODES = {
     "in memory (transformers)": ["memory"],
@@ -39,18 +40,16 @@ def child(mode: list[str], src: Path, runs: int, batch: int, seq: int, out: Path
     import transformers
 
     import pylomin
-    from pylomin.memory import PeakRss, rss
-    from pylomin.streaming import stream_of
 
     transformers.logging.set_verbosity_error()
     # transformers imports model code lazily (tens of MiB of code and shared libraries): resolve the
     # class before the baseline, so no contender is charged for it.
     transformers.BertModel  # noqa: B018
     torch.manual_seed(0)
-    x = torch.randint(0, BERT_1_6G["vocab_size"], (batch, seq))
+    x = torch.randint(0, models.BERT.vocab, (batch, seq))
     times = []
-    base = rss()
-    with PeakRss() as first, torch.no_grad():
+    base = internals.rss()
+    with internals.peak_rss() as first, torch.no_grad():
         if mode[0] == "memory":
             model = transformers.BertModel.from_pretrained(src, dtype=torch.float32).eval()
         elif mode[0] == "default":
@@ -66,7 +65,7 @@ def child(mode: list[str], src: Path, runs: int, batch: int, seq: int, out: Path
         t0 = time.perf_counter()
         model(x)  # the first forward also initializes kernels; it is not timed
         first_time = time.perf_counter() - t0
-    with PeakRss() as steady, torch.no_grad():
+    with internals.peak_rss() as steady, torch.no_grad():
         for _ in range(runs):
             t0 = time.perf_counter()
             y = model(x).last_hidden_state
@@ -81,7 +80,7 @@ def child(mode: list[str], src: Path, runs: int, batch: int, seq: int, out: Path
         "file": (whole.start - base).file + whole.file,
         "forward_peak": steady.total,
         # What memory_budget="auto" chose, as it stands after the runs ("" for the explicit modes).
-        "memory_note": "" if mode[0] == "memory" else stream_of(model).manager.memory_note,
+        "memory_note": "" if mode[0] == "memory" else internals.memory_policy(model)["memory_note"],
     }
     print(json.dumps(result))
 
@@ -94,16 +93,14 @@ def main() -> int:
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
-    src = ensure_bert()
+    src = models.BERT.src()
     if args.child:
         child(args.child, src, args.runs, args.batch, args.seq, args.out)
         return 0
 
-    import pylomin
-
     for unit in ("block", "leaf"):
-        ensure_converted(src, MODELS / f"{src.name}-pylomin-{unit}", unit)
-    m = pylomin.manifest.read(MODELS / f"{src.name}-pylomin-block")
+        models.BERT.folder(unit)
+    m = internals.manifest(models.BERT.folder("block"))
     print(
         f"\nmodel: BERT, {m.nbytes / 2**30:.2f} GiB fp32 parameters; input {args.batch} x {args.seq} tokens; "
         f"{os.cpu_count()} CPUs; torch threads default"

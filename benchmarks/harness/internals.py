@@ -66,3 +66,22 @@ def per_expert_paging(enabled: bool) -> str | None:
         return f"{streaming.__name__}.PER_EXPERT does not exist: experts paged as pylomin does by default"
     streaming.PER_EXPERT = enabled
     return None
+
+
+def staging() -> tuple[Any, Any, Any]:
+    """(Store, Stager, PinnedCopy): a converted folder's mapped files, the unit stager, the pinned ring to a device
+    (`pylomin.runtime.store`, `pylomin.runtime.stage`)."""
+    stage = _module("runtime.stage", "stage")
+    return _module("runtime.store", "store").Store, stage.Stager, stage.PinnedCopy
+
+
+def copied_bytes(model: Any) -> int:
+    """Bytes a forward of a streamed model copies in: every hooked tensor not kept resident, once per module
+    using it (`stream_of(model).manager`: its store, targets and plan)."""
+    manager = _module("runtime.streaming", "streaming").stream_of(model).manager
+    return sum(
+        manager.store.location(s.stored_name)[2]
+        for slots in manager.targets.values()
+        for s in slots
+        if s.stored_name not in manager.plan.resident
+    )
