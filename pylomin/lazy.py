@@ -18,8 +18,10 @@ from pylomin.converter.convert import check_out, write_folder
 from pylomin.format import manifest as fmt
 from pylomin.format.quant import Scheme
 from pylomin.quantize import quantize_
+from pylomin.runtime.model import is_streamed
+from pylomin.runtime.options import Options
 from pylomin.runtime.quant import QuantLinear
-from pylomin.runtime.streaming import Options, attach_, is_streamed
+from pylomin.runtime.streaming import attach_
 
 M = TypeVar("M", bound=nn.Module)
 ModuleRef = str | nn.Module

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib
 import inspect
+import json
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -142,3 +144,47 @@ def _conv1d_class() -> type | None:
     except ImportError:
         return None
     return Conv1D  # type: ignore[no-any-return]
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A digest of the conversion mapping transformers applies to `model`'s class."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    transforms = get_model_conversion_mapping(model, add_legacy=False)  # type: ignore[arg-type]
+    described = [
+        [
+            type(t).__name__,
+            list(t.source_patterns),
+            list(t.target_patterns),
+            [repr(op) for op in getattr(t, "operations", [])],
+            t.scope_prefix,
+        ]
+        for t in transforms
+    ]
+    return hashlib.sha256(json.dumps(described).encode()).hexdigest()[:16]
+
+
+def check_layout(layout: dict[str, str] | None, model: nn.Module, folder: Path) -> None:
+    """Refuse a folder whose layout the installed transformers would not give `model`: never a silent wrong answer."""
+    if layout is None:
+        return
+    try:
+        import transformers
+    except ImportError:
+        raise PylominError(
+            f"`{folder}` holds the run-time layout of transformers {layout['transformers']}; install transformers "
+            "(pip install 'pylomin[hf]') to load it"
+        ) from None
+    if not hasattr(model, "base_model_prefix") or not hasattr(model, "config"):
+        raise PylominError(
+            f"`{folder}` holds the run-time layout of transformers' `{layout['model_cls']}`; load it with that class "
+            f"(transformers.{layout['model_cls']}), or convert the checkpoint again for a custom model"
+        )
+    digest = fingerprint(model)
+    if digest != layout["mapping"]:
+        raise PylominError(
+            f"`{folder}` was converted for `{layout['model_cls']}` with the conversion mapping of transformers "
+            f"{layout['transformers']}; the installed transformers {transformers.__version__} maps "
+            f"`{type(model).__name__}` differently (mapping {digest}, the folder's {layout['mapping']}). Convert the "
+            f"checkpoint again: pylomin-convert SRC OUT_DIR --model-cls {type(model).__name__}"
+        )

@@ -15,10 +15,10 @@ import torch
 import transformers
 
 import pylomin
+from pylomin._os import Memory, read_memory
 from pylomin.format import manifest as fmt
-from pylomin.runtime.adapt import HEADROOM, decide
-from pylomin.runtime.limits import Memory, read_memory
-from pylomin.runtime.streaming import stream_of
+from pylomin.runtime.model import stream_of
+from pylomin.runtime.policy import HEADROOM, decide
 from tests import models
 
 MiB, GiB = 2**20, 2**30
@@ -113,10 +113,10 @@ def test_auto_on_a_roomy_machine_keeps_the_model_resident(hf_dir, converted) -> 
     folder = converted("gpt2")
     ref = models.pretrained(transformers.GPT2LMHeadModel, hf_dir("gpt2"))
     model = pylomin.load_streaming(folder, transformers.GPT2LMHeadModel)  # defaults: "auto"
-    manager = stream_of(model).manager
+    stream = stream_of(model)
     m = fmt.read(folder)
-    assert manager.plan.resident_bytes == m.nbytes and not manager.store.drop_page_cache
-    assert "is kept resident" in manager.memory_note
+    assert stream.policy.plan.resident_bytes == m.nbytes and not stream.store.drop_page_cache
+    assert "is kept resident" in stream.policy.note
     x = models.ids()
     with torch.no_grad(), pylomin.profile(model) as prof:
         assert torch.equal(model(x).logits, ref(x).logits)
@@ -135,12 +135,12 @@ def test_the_resident_part_follows_the_memory_available(hf_dir, converted, tmp_p
     folder = converted("gpt2")
     ref = models.pretrained(transformers.GPT2LMHeadModel, hf_dir("gpt2"))
     model = pylomin.load_streaming(folder, transformers.GPT2LMHeadModel)
-    manager = stream_of(model).manager
-    adaptive = manager.adaptive
-    assert adaptive is not None
-    now = [adaptive.checked_at]
-    adaptive.clock = lambda: now[0]
-    adaptive.read = lambda: read_memory(tmp_path)  # the reader itself, on a machine we control
+    stream = stream_of(model)
+    policy = stream.policy
+    assert policy.adaptive
+    now = [policy.checked_at]
+    policy.clock = lambda: now[0]
+    policy.read = lambda: read_memory(tmp_path)  # the reader itself, on a machine we control
     total = fmt.read(folder).nbytes
     x = models.ids()
     with torch.no_grad():
@@ -151,12 +151,12 @@ def test_the_resident_part_follows_the_memory_available(hf_dir, converted, tmp_p
             return model(x).logits
 
         # Shrinks to 40 % of the model: units are given back, the tied table (used twice) stays.
-        fake_machine(tmp_path, adaptive.headroom + int(0.4 * total))
+        fake_machine(tmp_path, policy.headroom + int(0.4 * total))
         assert torch.equal(forward_after(0.5), want)  # not a second yet: nothing re-read
-        assert manager.plan.resident_bytes == total
+        assert stream.policy.plan.resident_bytes == total
         assert torch.equal(forward_after(1.0), want)
-        shrunk = manager.plan
-        assert 0 < shrunk.resident_bytes <= 0.4 * total and manager.store.drop_page_cache
+        shrunk = stream.policy.plan
+        assert 0 < shrunk.resident_bytes <= 0.4 * total and stream.store.drop_page_cache
         assert "transformer.wte.weight" in shrunk.resident
         streamed = [n for n in fmt.read(folder).tensor_index() if n not in shrunk.resident]
         assert streamed and all(p.device.type == "meta" for n, p in model.named_parameters() if n in streamed)
@@ -164,7 +164,7 @@ def test_the_resident_part_follows_the_memory_available(hf_dir, converted, tmp_p
         # Memory comes back: the model is whole again.
         fake_machine(tmp_path, 8 * GiB)
         assert torch.equal(forward_after(1.0), want)
-        assert manager.plan.resident_bytes == total and not manager.store.drop_page_cache
+        assert stream.policy.plan.resident_bytes == total and not stream.store.drop_page_cache
         assert all(p.device.type == "cpu" for p in model.parameters())
         assert torch.equal(forward_after(1.0), want)
 
@@ -173,10 +173,10 @@ def test_every_decision_is_logged_with_its_figures(hf_dir, converted, tmp_path: 
     with caplog.at_level(logging.INFO, logger="pylomin"):
         model = pylomin.load_streaming(converted("bert"), transformers.BertModel)
     assert any("available of" in r.getMessage() and "kept resident" in r.getMessage() for r in caplog.records)
-    adaptive = stream_of(model).manager.adaptive
-    assert adaptive is not None
-    adaptive.read = lambda: read_memory(fake_machine(tmp_path, adaptive.headroom))  # nothing to spare
-    adaptive.clock = lambda: 1e9
+    policy = stream_of(model).policy
+    assert policy.adaptive
+    policy.read = lambda: read_memory(fake_machine(tmp_path, policy.headroom))  # nothing to spare
+    policy.clock = lambda: 1e9
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="pylomin"), torch.no_grad():
         model(models.ids())
@@ -185,24 +185,24 @@ def test_every_decision_is_logged_with_its_figures(hf_dir, converted, tmp_path: 
 
 def test_explicit_budgets_stay_fixed(converted) -> None:
     model = pylomin.load_streaming(converted("gpt2"), transformers.GPT2LMHeadModel, memory_budget=0)
-    manager = stream_of(model).manager
-    assert manager.adaptive is None and manager.plan.resident_bytes == 0 and manager.store.drop_page_cache
+    stream = stream_of(model)
+    assert not stream.policy.adaptive and stream.policy.plan.resident_bytes == 0 and stream.store.drop_page_cache
     warm = pylomin.load_streaming(converted("gpt2"), transformers.GPT2LMHeadModel, memory_budget="1MiB")
-    assert stream_of(warm).manager.adaptive is None
+    assert not stream_of(warm).policy.adaptive
 
 
 CHILD = """
 import json, sys, torch, transformers, pylomin
-from pylomin.runtime.streaming import stream_of
+from pylomin.runtime.model import stream_of
 folder, out = sys.argv[1], sys.argv[2]
 model = pylomin.load_streaming(folder, transformers.LlamaForCausalLM)
-manager = stream_of(model).manager
+stream = stream_of(model)
 x = torch.arange(64).reshape(1, 64) % 1000
 with torch.no_grad():
     logits = model(x).logits
     logits = model(x).logits
 torch.save(logits, out + ".pt")
-json.dump({"resident": manager.plan.resident_bytes, "note": manager.memory_note}, open(out, "w"))
+json.dump({"resident": stream.policy.plan.resident_bytes, "note": stream.policy.note}, open(out, "w"))
 """
 
 
@@ -262,15 +262,15 @@ def test_a_lookup_table_never_sizes_the_read_ahead_window(tmp_path: Path) -> Non
     torch.save(ref.state_dict(), tmp_path / "m.pt")
     folder = pylomin.convert(tmp_path / "m.pt", tmp_path / "out", progress=False, unit="leaf")
     model = pylomin.load_streaming(folder, _TableAndLayers)
-    adaptive = stream_of(model).manager.adaptive
-    assert adaptive is not None
+    policy = stream_of(model).policy
+    assert policy.adaptive
     # Room for the running layer and two ahead (3 x 256 KiB), nowhere near the 12 MiB table.
-    adaptive.read = lambda: read_memory(fake_machine(tmp_path / "machine", adaptive.headroom + MiB))
-    adaptive.clock = lambda: 1e9
+    policy.read = lambda: read_memory(fake_machine(tmp_path / "machine", policy.headroom + MiB))
+    policy.clock = lambda: 1e9
     ids = torch.arange(8).reshape(1, 8)
     with torch.no_grad():
         assert torch.equal(model(ids), ref(ids))
-    plan = stream_of(model).manager.plan
+    plan = stream_of(model).policy.plan
     assert plan.prefetch_units == 2  # sized by a 256 KiB layer, not the table (which would leave none)
     assert "table.weight" not in plan.resident  # looked up a few rows at a time: last in line
 
@@ -283,19 +283,19 @@ def test_two_models_in_one_process_share_the_memory_instead_of_both_taking_it(co
     first = pylomin.load_streaming(folder, transformers.GPT2LMHeadModel)
     second = pylomin.load_streaming(folder, transformers.GPT2LMHeadModel)
     for model in (first, second):
-        adaptive = stream_of(model).manager.adaptive
-        assert adaptive is not None
+        policy = stream_of(model).policy
+        assert policy.adaptive
         # Room for one and a half models beside the headroom: the figure includes both models' pages.
-        fake_machine(tmp_path, adaptive.headroom + int(1.5 * total))
-        adaptive.read = functools.partial(read_memory, tmp_path)
-        adaptive.clock = itertools.count(adaptive.checked_at + 2, 2).__next__  # two seconds a forward
+        fake_machine(tmp_path, policy.headroom + int(1.5 * total))
+        policy.read = functools.partial(read_memory, tmp_path)
+        policy.clock = itertools.count(policy.checked_at + 2, 2).__next__  # two seconds a forward
     x = models.ids()
     with torch.no_grad():
         want = first(x).logits  # re-checks: the other keeps it all, so this one keeps half
         assert torch.equal(second(x).logits, want)  # re-checks: the first keeps half now
-    a, b = stream_of(first).manager.plan.resident_bytes, stream_of(second).manager.plan.resident_bytes
+    a, b = stream_of(first).policy.plan.resident_bytes, stream_of(second).policy.plan.resident_bytes
     assert a < total and a + b <= 1.5 * total, (a, b, total)
     pylomin.unload_(second)  # gone: its pages no longer count against the first
     with torch.no_grad():
         assert torch.equal(first(x).logits, want)
-    assert stream_of(first).manager.plan.resident_bytes == total
+    assert stream_of(first).policy.plan.resident_bytes == total

@@ -13,8 +13,8 @@ import transformers
 from torch import nn
 
 import pylomin
+from pylomin.runtime.model import stream_of
 from pylomin.runtime.stage import PinnedCopy
-from pylomin.runtime.streaming import stream_of
 from tests import models
 
 pytestmark = pytest.mark.cuda
@@ -106,7 +106,7 @@ def test_cuda_a_deleted_model_gives_back_its_device_memory_and_pinned_ring(tmp_p
     gc.collect()
     base, threads = torch.cuda.memory_allocated(), readers()
     model = pylomin.load_streaming(folder, stack, device="cuda", memory_budget=0, prefetch=2)
-    ring = stream_of(model).manager.copy
+    ring = stream_of(model).lifecycle.pager.stager.copy
     assert isinstance(ring, PinnedCopy)
     with torch.no_grad():
         for _ in range(3):

@@ -11,7 +11,7 @@ import transformers
 
 import pylomin
 from pylomin.format import manifest as fmt
-from pylomin.runtime.streaming import stream_of
+from pylomin.runtime.model import stream_of
 from tests import models
 from tests.test_layout import mixtral
 
@@ -76,7 +76,7 @@ def test_a_budget_keeps_the_most_used_experts_resident_and_drops_the_others(disk
     # No reader thread: pages are dropped as each unit finishes, not later, so the checks see them gone.
     budget = dense + 2 * 2 * expert_bytes
     model = pylomin.load_streaming(folder, transformers.MixtralForCausalLM, memory_budget=budget, prefetch=0)
-    assert stream_of(model).manager.plan.expert_cache_bytes == 2 * 2 * expert_bytes
+    assert stream_of(model).policy.plan.expert_cache_bytes == 2 * 2 * expert_bytes
     chosen = models.chosen_experts(model)
     x = models.ids(batch=1, seq=1)
     with torch.no_grad():
@@ -127,7 +127,7 @@ def test_a_random_access_range_larger_than_the_read_ahead_window_is_read_in_larg
     m = fmt.read(folder)
     with pylomin.runtime.store.Store(folder, m) as store:
         where = store.location("table.weight")
-        store.random_access(*where)
+        store.random_access(where)
         models.evict([folder / u.file for u in m.units])
         before = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
         store.read_exactly([where])

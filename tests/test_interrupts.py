@@ -20,12 +20,12 @@ import transformers
 from torch import nn
 
 import pylomin
+from pylomin._os import Memory, read_memory
 from pylomin.format import manifest as fmt
 from pylomin.modeling import params_on_meta
-from pylomin.runtime.limits import Memory, read_memory
+from pylomin.runtime.model import stream_of
 from pylomin.runtime.prefetch import Prefetcher
 from pylomin.runtime.store import Store
-from pylomin.runtime.streaming import stream_of
 from tests import models
 from tests.test_layout import mixtral
 
@@ -46,8 +46,8 @@ class CtrlC:
 
 
 def held_slots(model: nn.Module) -> list[str]:
-    manager = stream_of(model).manager
-    return [s.stored_name for ss in manager.targets.values() for s in ss if s.holders and not s.pinned]
+    stream = stream_of(model)
+    return [s.stored_name for ss in stream.lifecycle.pager.slots.values() for s in ss if s.holders and not s.pinned]
 
 
 def mapped_bytes(folder: Path) -> int:
@@ -57,7 +57,7 @@ def mapped_bytes(folder: Path) -> int:
 
 def settled(model: nn.Module) -> nn.Module:
     """`model` once its reader has finished what it reads ahead for the next pass (it reads asynchronously)."""
-    reader = stream_of(model).manager.prefetcher
+    reader = stream_of(model).reader
     if reader is not None:
         for job in list(reader._pending.values()):
             assert job.done.wait(10)
@@ -69,12 +69,12 @@ def test_ctrl_c_mid_forward_then_the_next_forward_runs_as_on_a_fresh_model(hf_di
     folder = converted("llama")
     ref = models.pretrained(transformers.LlamaForCausalLM, hf_dir("llama"))
     model = pylomin.load_streaming(folder, transformers.LlamaForCausalLM, prefetch=prefetch, memory_budget=0)
-    manager = stream_of(model).manager
+    stream = stream_of(model)
     x = models.ids()
     with torch.no_grad():
         model(x)  # records the order
         settled(model)
-        order = None if manager.prefetcher is None else list(manager.prefetcher.order)
+        order = None if stream.reader is None else list(stream.reader.order)
         after_a_forward = mapped_bytes(folder)  # with the next pass's first units, read ahead
         ctrl_c = CtrlC(model.model.layers[1].mlp)
         with pytest.raises(KeyboardInterrupt):
@@ -85,9 +85,9 @@ def test_ctrl_c_mid_forward_then_the_next_forward_runs_as_on_a_fresh_model(hf_di
     assert held_slots(model) == []
     assert all(p.is_meta for p in model.parameters())
     assert mapped_bytes(folder) == after_a_forward
-    assert manager.passes == 0
-    if manager.prefetcher is not None:
-        assert manager.prefetcher.passes == 0 and manager.prefetcher.order == order
+    assert stream.lifecycle.passes == 0
+    if stream.reader is not None:
+        assert stream.reader.passes == 0 and stream.reader.order == order
     ctrl_c.handle.remove()
 
 
@@ -112,7 +112,7 @@ def test_ctrl_c_during_generate_leaves_generate_exact(hf_dir, converted) -> None
 
 
 def test_ctrl_c_in_a_prompt_leaves_decode_reading_only_the_chosen_experts(disk_dir: Path) -> None:
-    # 8 experts, top-2: a 12-token prompt chooses most experts and reads layers whole ("wide"); one
+    # 8 experts, top-2: a 12-token prompt chooses most experts and reads layers whole; one
     # decode token must read its 2 experts per layer again, as on a fresh model.
     src = disk_dir / "src"
     mixtral(experts=8, hidden=64, intermediate=64).save_pretrained(src)
@@ -151,7 +151,7 @@ def test_a_removed_folder_never_hangs_or_fails_the_next_forward(hf_dir, tmp_path
         shutil.rmtree(folder)
         for _ in range(2):
             assert torch.equal(model(x).logits, ref(x).logits)
-    assert stream_of(model).manager.prefetcher._thread.is_alive()
+    assert stream_of(model).reader._thread.is_alive()
 
 
 def test_no_descriptors_left_never_hangs_or_fails_a_forward(hf_dir, converted) -> None:
@@ -216,23 +216,23 @@ def test_a_failed_memory_recheck_leaves_the_pass_counts_whole(hf_dir, converted,
     folder = converted("gpt2")
     ref = models.pretrained(transformers.GPT2LMHeadModel, hf_dir("gpt2"))
     model = pylomin.load_streaming(folder, transformers.GPT2LMHeadModel, memory_budget="auto", prefetch=2)
-    manager = stream_of(model).manager
-    adaptive = manager.adaptive
-    assert adaptive is not None and manager.prefetcher is not None
+    stream = stream_of(model)
+    policy = stream.policy
+    assert policy.adaptive and stream.reader is not None
 
     def vanished() -> Memory:  # the cgroup's files went away between two forwards
         raise OSError(errno.ENOENT, "No such file or directory", "/sys/fs/cgroup/memory.max")
 
-    adaptive.read = vanished
-    adaptive.checked_at -= 10
+    policy.read = vanished
+    policy.checked_at -= 10
     x = models.ids()
     with torch.no_grad(), pytest.raises(OSError, match="memory.max"):
         model(x)
-    assert manager.passes == 0 and manager.prefetcher.passes == 0
-    adaptive.read = read_memory
+    assert stream.lifecycle.passes == 0 and stream.reader.passes == 0
+    policy.read = read_memory
     with torch.no_grad():
         assert torch.equal(model(x).logits, ref(x).logits)
-    assert manager.passes == 0 and manager.prefetcher.passes == 0
+    assert stream.lifecycle.passes == 0 and stream.reader.passes == 0
 
 
 def test_releasing_a_tensor_keeps_the_pages_it_shares_with_a_neighbour(tmp_path: Path) -> None:
@@ -246,10 +246,10 @@ def test_releasing_a_tensor_keeps_the_pages_it_shares_with_a_neighbour(tmp_path:
         if first[0] > second[0]:
             first, second = second, first
         assert first[0] + first[1] <= second[0] and (first[0] + first[1]) // PAGE == second[0] // PAGE
-        store.prefetch(file, 0, manifest.units[0].size)
+        store.prefetch(fmt.Range(file, 0, manifest.units[0].size))
         shared = (first[0] + first[1]) // PAGE
         assert mapped_bytes(folder) > (shared + 1) * PAGE
-        store.done(file, *second)
+        store.release(fmt.Range(file, *second))
         # Pages 0..shared hold the header and the first tensor: they stay mapped; the rest goes.
         assert mapped_bytes(folder) == (shared + 1) * PAGE
 
@@ -300,13 +300,12 @@ def test_ctrl_c_at_any_line_of_the_hooks_leaves_other_threads_right_and_nothing_
     # of the hooks and the reader's entry points that one forward runs is interrupted once. Another
     # thread then runs the model while that call's leftovers are still there (only this thread
     # recovers them), and this thread's next forward recovers them.
-    import pylomin.runtime.hooks
-    import pylomin.runtime.prefetch
+    from pylomin.runtime import lifecycle, pager, prefetch
 
-    files = {pylomin.runtime.hooks.__file__, pylomin.runtime.prefetch.__file__}
+    files = {lifecycle.__file__, pager.__file__, prefetch.__file__}
     ref = models.pretrained(transformers.LlamaForCausalLM, hf_dir("llama"))
     model = pylomin.load_streaming(converted("llama"), transformers.LlamaForCausalLM, prefetch=2, memory_budget=0)
-    manager = stream_of(model).manager
+    stream = stream_of(model)
     x = models.ids(1, 5)
     with torch.no_grad():
         want = ref(x).logits
@@ -345,5 +344,5 @@ def test_ctrl_c_at_any_line_of_the_hooks_leaves_other_threads_right_and_nothing_
         with torch.no_grad():
             assert torch.equal(model(x).logits, want), n
         settled(model)
-        assert held_slots(model) == [] and manager.passes == 0, n
+        assert held_slots(model) == [] and stream.lifecycle.passes == 0, n
         assert all(p.is_meta for p in model.parameters()), n

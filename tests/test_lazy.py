@@ -12,7 +12,7 @@ from torch import nn
 
 import pylomin
 from pylomin.format import manifest as fmt
-from pylomin.runtime.streaming import stream_of
+from pylomin.runtime.model import stream_of
 from pylomin.tools.memory import rss
 from tests import models, python
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pylomin.runtime.limits import Memory, read_memory
+from pylomin._os import Memory, read_memory
 
 MiB, GiB = 2**20, 2**30
 MEMINFO = "MemTotal:       16777216 kB\nMemFree:         1048576 kB\nMemAvailable:    8388608 kB\nBuffers:  12 kB\n"

@@ -12,7 +12,7 @@ import transformers
 
 import pylomin
 from pylomin.format import manifest as fmt
-from pylomin.runtime.streaming import stream_of
+from pylomin.runtime.model import stream_of
 from tests import models, python
 
 
@@ -96,14 +96,14 @@ def test_automodel_on_a_folder_with_a_head_loads_the_base_model(hf_dir, converte
     # As transformers' AutoModel does: the base model, its names without the head model's prefix.
     folder = converted(name)
     ref = models.pretrained(transformers.AutoModel, hf_dir(name))
-    with caplog.at_level("INFO", logger="pylomin.runtime.build"):
+    with caplog.at_level("INFO", logger="pylomin.runtime.model"):
         model = pylomin.load_streaming(folder, transformers.AutoModel, memory_budget=0)
     assert type(model).__name__ == type(ref).__name__
     if name == "llama":  # its own lm_head (GPT-2's is the embedding table, stored once)
         assert "does not use 1 tensor(s) of the checkpoint's head: ['lm_head.weight']" in caplog.text
     units = {u.name for u in fmt.read(folder).units}
     prefix = ref.base_model_prefix + "."
-    hooked = {n for n, m in model.named_modules() if m in stream_of(model).manager.index}
+    hooked = {n for n, m in model.named_modules() if m in stream_of(model).lifecycle.index}
     assert {prefix + n for n in hooked if n} <= units  # paged by the converted units, not leaf by leaf
     with torch.no_grad():
         for x in (models.ids(), models.ids(1, 3)):

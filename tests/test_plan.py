@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pylomin.format import manifest as fmt
-from pylomin.runtime import plan as plan_module
-from pylomin.runtime.plan import ExpertCache, Target, make_plan, merge
+from pylomin.runtime.experts import ExpertCache
+from pylomin.runtime.policy import Target, make_plan, merge
 
 # A GPT-2-like model: an embedding table tied to the LM head, positions, two blocks.
 TARGETS = [
@@ -134,7 +133,6 @@ def test_an_expert_larger_than_the_cache_is_read_never_kept() -> None:
 
 
 def test_ranges_only_padding_apart_merge() -> None:
-    assert plan_module._ALIGN == fmt.DATA_ALIGN
     # a.bias ends at 200; the next tensor starts at the next multiple of 64, 256: padding between.
     assert merge([("u", 256, 100), ("u", 0, 200)]) == [("u", 0, 356)]
     assert merge([("u", 0, 200), ("u", 320, 64)]) == [("u", 0, 200), ("u", 320, 64)]  # a tensor at 256 lies between

@@ -15,7 +15,8 @@ from torch import nn
 
 import pylomin
 from pylomin.format import manifest as fmt
-from pylomin.runtime.streaming import parse_bytes, stream_of
+from pylomin.runtime.model import stream_of
+from pylomin.runtime.options import parse_bytes
 from pylomin.tools.memory import PeakRss
 from tests import models
 
@@ -37,12 +38,12 @@ class Shuffled(nn.Module):
 
 
 def prefetcher(model: nn.Module):
-    return stream_of(model).manager.prefetcher
+    return stream_of(model).reader
 
 
 def names(model: nn.Module, targets: list[int]) -> list[str]:
     by_module = {m: n for n, m in model.named_modules()}
-    return [by_module[stream_of(model).manager.order[t]] for t in targets]
+    return [by_module[stream_of(model).lifecycle.pager.order[t]] for t in targets]
 
 
 @pytest.fixture
@@ -181,7 +182,7 @@ def test_partial_budget_pins_tied_weights_first_and_lookup_tables_last(hf_dir, c
     # table, only ever looked up a few rows at a time, after every tensor read whole.
     assert "transformer.wte.weight" in resident and "transformer.wpe.weight" not in resident
     assert len(resident) > 1  # the rest of the budget went to tensors read whole
-    assert stream_of(model).manager.pinned_bytes <= wte + wpe
+    assert stream_of(model).policy.plan.resident_bytes <= wte + wpe
     with torch.no_grad():
         assert torch.equal(model(models.ids()).logits, ref(models.ids()).logits)
 

@@ -11,7 +11,7 @@ import torch
 import transformers
 
 import pylomin
-from pylomin.runtime.streaming import stream_of
+from pylomin.runtime.model import stream_of
 from tests import models
 
 
@@ -37,7 +37,7 @@ def test_trace_and_verdict(converted, tmp_path: Path, prefetch: int) -> None:
     assert doc["otherData"]["verdict"] == prof.verdict()
     assert (tmp_path / "t.png").stat().st_size > 1000
     assert len(prof.spans) == len(spans)  # the forward after the block added nothing
-    assert stream_of(model).manager.recorder is None
+    assert stream_of(model).lifecycle.recorder is None
 
 
 def test_profile_refuses_a_plain_model() -> None:

@@ -13,7 +13,9 @@ from torch import nn
 import pylomin
 from pylomin.format import manifest as fmt
 from pylomin.modeling import build_on_meta
-from pylomin.runtime.streaming import Options, attach_, stream_of
+from pylomin.runtime.model import stream_of
+from pylomin.runtime.options import Options
+from pylomin.runtime.streaming import attach_
 from tests import models
 
 MiB = 2**20
@@ -74,10 +76,10 @@ def test_unload_drops_copies_staged_but_never_used(tmp_path: Path) -> None:
     attach_(model, folder, fmt.read(folder), Options.check(prefetch=4, memory_budget=0), copy=CpuCopy())
     with torch.no_grad():
         model(torch.randn(1, 512))
-    stager = stream_of(model).manager.stager
+    stager = stream_of(model).lifecycle.pager.stager
     assert stager is not None
     pylomin.unload_(model)
-    assert stager.take("0.0.weight") is None and not stager._staged
+    assert stager.pop("0.0.weight") is None and not stager._staged
 
 
 def unit_file_rss(folder: Path) -> int:

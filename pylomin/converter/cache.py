@@ -70,6 +70,20 @@ def converted(
     return out
 
 
+def resolve(
+    src: str,
+    revision: str | None = None,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    model_cls: Any = None,
+    quantize: Any = None,
+) -> Path:
+    """The runtime's way in to the converter: `src`, which is no existing path, as a repo id converted in the cache."""
+    if not hub.is_repo_id(src):
+        raise FileNotFoundError(f"`{src}` does not exist; convert a model first with `pylomin-convert MODEL {src}`")
+    return converted(src, revision, cache_dir=cache_dir, model_cls=model_cls, quantize=quantize)
+
+
 def _folder_name(commit: str, hf_cls: type | None, quantize: Scheme | None = None) -> str:
     # The layout depends on the class and on the transformers version's conversion mapping.
     name = commit

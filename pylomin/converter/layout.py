@@ -11,7 +11,6 @@ in memory, one group at a time.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import math
@@ -26,6 +25,7 @@ from torch import nn
 
 from pylomin.converter.checkpoint import Checkpoint, SourceTensor
 from pylomin.errors import PylominError
+from pylomin.modeling import fingerprint
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -167,24 +167,6 @@ def _meta_tensor(t: SourceTensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device="meta")
 
 
-def fingerprint(model: PreTrainedModel) -> str:
-    """A digest of the conversion mapping transformers applies to `model`'s class."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-
-    transforms = get_model_conversion_mapping(model, add_legacy=False)
-    described = [
-        [
-            type(t).__name__,
-            list(t.source_patterns),
-            list(t.target_patterns),
-            [repr(op) for op in getattr(t, "operations", [])],
-            t.scope_prefix,
-        ]
-        for t in transforms
-    ]
-    return hashlib.sha256(json.dumps(described).encode()).hexdigest()[:16]
-
-
 def to_runtime_layout(ckpt: Checkpoint, model: PreTrainedModel) -> tuple[Checkpoint, dict[str, str] | None]:
     """`ckpt` renamed and converted into the layout `model` (built on meta) holds; and the layout's record.
 
@@ -292,29 +274,3 @@ def runtime_layout(
         raise ValueError(f"model_cls must be a transformers model class, got `{type(model).__name__}`")
     experts = {name for name, m in model.named_modules() if experts_count(m) is not None}
     return (*to_runtime_layout(ckpt, model), experts, model)
-
-
-def check(layout: dict[str, str] | None, model: nn.Module, folder: Path) -> None:
-    """Refuse a folder whose layout the installed transformers would not give `model`: never a silent wrong answer."""
-    if layout is None:
-        return
-    try:
-        import transformers
-    except ImportError:
-        raise PylominError(
-            f"`{folder}` holds the run-time layout of transformers {layout['transformers']}; install transformers "
-            "(pip install 'pylomin[hf]') to load it"
-        ) from None
-    if not hasattr(model, "base_model_prefix") or not hasattr(model, "config"):
-        raise PylominError(
-            f"`{folder}` holds the run-time layout of transformers' `{layout['model_cls']}`; load it with that class "
-            f"(transformers.{layout['model_cls']}), or convert the checkpoint again for a custom model"
-        )
-    digest = fingerprint(model)  # type: ignore[arg-type]
-    if digest != layout["mapping"]:
-        raise PylominError(
-            f"`{folder}` was converted for `{layout['model_cls']}` with the conversion mapping of transformers "
-            f"{layout['transformers']}; the installed transformers {transformers.__version__} maps "
-            f"`{type(model).__name__}` differently (mapping {digest}, the folder's {layout['mapping']}). Convert the "
-            f"checkpoint again: pylomin-convert SRC OUT_DIR --model-cls {type(model).__name__}"
-        )

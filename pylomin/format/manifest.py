@@ -10,7 +10,7 @@ import struct
 from collections.abc import Mapping, Set
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -73,6 +73,14 @@ def parse_dtype(name: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown dtype `{name}`; use e.g. float32, float16 or bfloat16")
     return dtype
+
+
+class Range(NamedTuple):
+    """Bytes `[offset, offset + length)` of one unit file (its path)."""
+
+    file: str
+    offset: int
+    length: int
 
 
 @dataclass(frozen=True)

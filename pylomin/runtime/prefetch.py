@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from pylomin.errors import PylominError
-from pylomin.runtime.plan import Range
+from pylomin.format.manifest import Range
 from pylomin.runtime.store import Store
 
 logger = logging.getLogger(__name__)
@@ -60,14 +60,14 @@ class Prefetcher:
         max_bytes: int,
         skip: set[int] | None = None,
         stage: Callable[[int], None] | None = None,
-        wide: dict[int, list[Range]] | None = None,
+        whole_layers: dict[int, list[Range]] | None = None,
     ):
         self.store = store
         self.ranges = ranges
         # Targets with fused experts: their ranges with every expert, read ahead in passes whose
         # tokens choose most experts anyway (a prompt), instead of the router's choice on demand.
-        self.wide = wide or {}
-        self._wide_pass = False
+        self.whole_layers = whole_layers or {}  # per unit with fused experts: its ranges, every expert included
+        self._all_experts = False
         self.stage = stage  # after the pages are in: e.g. copy the unit to the GPU
         self.recorder: Recorder | None = None  # while profiling
         self.max_units = max_units
@@ -95,17 +95,17 @@ class Prefetcher:
 
     # --- called from the hooks (any thread) ---------------------------------------------------
 
-    def begin_pass(self, token: object, *, wide: bool = False) -> None:
+    def begin_pass(self, token: object, *, all_experts: bool = False) -> None:
         """The root module starts a forward (`token`: its thread's): record the order if it runs alone.
 
-        `wide`: its tokens will choose most experts; read them ahead whole with their units.
+        `all_experts`: its tokens will choose most experts; read them ahead whole with their units.
         """
         with self._lock:
             self._open.add(token)
             alone = len(self._open) == 1
             self._recording = [] if alone else None
             self._seen = set()
-            self._wide_pass = wide if alone else self._wide_pass or wide
+            self._all_experts = all_experts if alone else self._all_experts or all_experts
 
     def end_pass(self, token: object, *, interrupted: bool = False) -> None:
         """The forward of `token` ended: keep the recorded order if it changed. Twice: nothing more.
@@ -120,7 +120,7 @@ class Prefetcher:
             rec, self._recording = self._recording, None
             if self._open:
                 return
-            self._wide_pass = False
+            self._all_experts = False
             if interrupted:
                 self._cancel_queued()
             elif rec is not None and rec != self.order:
@@ -165,11 +165,13 @@ class Prefetcher:
         i = self._index.get(target)
         if i is None or self.max_units <= 0 or self._closed or self._ended:
             return  # a closed or ended reader runs no more jobs: the unit is paged in on demand
-        wide = self._wide_pass
+        all_experts = self._all_experts
         units, nbytes = 0, sum(self._nbytes.get(t, 0) for t in self._pending)
         for step in range(1, len(self.order)):
             nxt = self.order[(i + step) % len(self.order)]
-            whole = wide and nxt in self.wide and i + step < len(self.order)  # the next pass may be narrow
+            whole = (
+                all_experts and nxt in self.whole_layers and i + step < len(self.order)
+            )  # the next pass may be narrow
             if nxt in self.skip and not whole or nxt == target:
                 continue
             units += 1
@@ -177,27 +179,27 @@ class Prefetcher:
                 break
             if nxt in self._pending:
                 continue
-            size = sum(n for _, _, n in self.wide[nxt]) if whole else self._nbytes[nxt]
+            size = sum(r.length for r in self.whole_layers[nxt]) if whole else self._nbytes[nxt]
             if nbytes + size > self.max_bytes:
                 break
             nbytes += size
-            job = _Job(nxt, self.wide[nxt] if whole else self.ranges[nxt])
+            job = _Job(nxt, self.whole_layers[nxt] if whole else self.ranges[nxt])
             # In this order, a Ctrl-C between two of these statements never leaves a job waited for
             # that the reader does not know of (the reader wakes once the lock is released).
             self._wake.notify()
             self._queue.append(job)
             self._pending[nxt] = job
 
-    def resize(self, *, max_units: int, max_bytes: int, skip: set[int], wide: dict[int, list[Range]]) -> None:
+    def resize(self, *, max_units: int, max_bytes: int, skip: set[int], whole_layers: dict[int, list[Range]]) -> None:
         """A new read-ahead window, set of targets never read ahead and experts read whole (a re-plan)."""
         with self._lock:
             self.max_units, self.max_bytes, self.skip = max_units, max_bytes, set(skip)
-            self.wide = wide
+            self.whole_layers = whole_layers
 
     @property
-    def wide_pass(self) -> bool:
-        """Whether the running forward reads fused experts ahead whole (`begin_pass(wide=True)`)."""
-        return self._wide_pass
+    def reads_all_experts(self) -> bool:
+        """Whether the running forward reads fused experts ahead whole (`begin_pass(all_experts=True)`)."""
+        return self._all_experts
 
     @property
     def bytes_in_flight(self) -> int:
@@ -211,10 +213,10 @@ class Prefetcher:
     def closed(self) -> bool:
         return self._closed
 
-    def release_later(self, file: str, offset: int, length: int) -> None:
-        """Let the reader drop a range's pages (before its next read): off the compute thread's path."""
+    def release_later(self, where: Range) -> None:
+        """Let the reader release a range's pages (before its next read): off the compute thread's path."""
         with self._lock:
-            self._done.append((file, offset, length))
+            self._done.append(where)
             self._wake.notify()
 
     def _run(self) -> None:
@@ -248,7 +250,7 @@ class Prefetcher:
                 self._running = job
             for r in done:  # a unit released and entered again since is refaulted, never wrong
                 try:
-                    self.store.done(*r)
+                    self.store.release(r)
                 except OSError as e:  # a hint: a file gone or out of descriptors changes no result
                     logger.debug("dropping pages of `%s` failed: %s", r[0], e)
             if job is None:
@@ -256,7 +258,7 @@ class Prefetcher:
             t0 = time.perf_counter_ns()
             try:
                 for file, offset, length in job.ranges:
-                    self.store.prefetch(file, offset, length)
+                    self.store.prefetch(Range(file, offset, length))
                 if self.stage is not None:
                     self.stage(job.target)
             except BaseException as e:  # surfaced in the thread that enters the target
@@ -284,6 +286,6 @@ class Prefetcher:
             done, self._done = self._done, []
         for r in done:
             try:
-                self.store.done(*r)
+                self.store.release(r)
             except OSError as e:
                 logger.debug("dropping pages of `%s` failed: %s", r[0], e)

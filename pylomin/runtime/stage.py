@@ -39,11 +39,11 @@ class Stager:
             src = self.store.view(name)
             dtype = self.dtypes.get(name, src.dtype)
             dev, event = self.copy(src, dtype if dtype != src.dtype else None)
-            self.store.done(*self.store.location(name))  # the device copy is independent of the mapping
+            self.store.release(self.store.location(name))  # the device copy is independent of the mapping
             with self._lock:
                 self._staged[name] = (dev, event)
 
-    def take(self, name: str) -> tuple[torch.Tensor, Any] | None:
+    def pop(self, name: str) -> tuple[torch.Tensor, Any] | None:
         """The staged copy of `name` and its event, handed over once; None if none is waiting."""
         with self._lock:
             return self._staged.pop(name, None)

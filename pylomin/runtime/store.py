@@ -101,17 +101,18 @@ class Store:
         )
         return flat.view(info.shape)
 
-    def location(self, name: str) -> tuple[str, int, int]:
-        """(unit file, byte offset, byte length) of the stored tensor `name`."""
+    def location(self, name: str) -> fmt.Range:
+        """Where the stored tensor `name` lies: its unit file, byte offset and length."""
         unit, info = self._index[name]
-        return unit.file, info.offset, info.length
+        return fmt.Range(unit.file, info.offset, info.length)
 
-    def random_access(self, file: str, offset: int, length: int) -> None:
+    def random_access(self, where: fmt.Range) -> None:
         """Tell the kernel a range is read a few rows at a time: no read-around on its page faults.
 
         Without this, each page fault in an embedding table reads and maps up to `read_ahead_kb`
         around it (8 MiB here), so a 128-token lookup can pull in most of the table.
         """
+        file, offset, length = where
         m = self._maps.get(file)
         if m is None or length <= 0:
             return
@@ -119,13 +120,14 @@ class Store:
         m.madvise(_os.MADV_RANDOM, begin, end - begin)
         self._random.setdefault(file, []).append((begin, end))
 
-    def prefetch(self, file: str, offset: int, length: int) -> None:
+    def prefetch(self, where: fmt.Range) -> None:
         """Make a range of a unit file resident before it is used (called from the reader thread).
 
         MADV_POPULATE_READ faults the pages in and maps them, so the compute thread takes no page
         faults (measured faster than MADV_WILLNEED or pread, see docs/design.md); kernels older than 5.14
         get a pread of the range into a scratch buffer, which fills the page cache.
         """
+        file, offset, length = where
         m = self._maps.get(file)
         if m is None or length <= 0:
             return
@@ -151,7 +153,7 @@ class Store:
                 raise OSError(errno.EIO, f"`{self._paths[file]}` ends at byte {pos}, before {end}")
             pos += n
 
-    def read_exactly(self, ranges: list[tuple[str, int, int]]) -> None:
+    def read_exactly(self, ranges: list[fmt.Range]) -> None:
         """Make exactly these ranges resident, all of their reads in flight at once.
 
         For ranges mapped random-access (fused experts): the kernel reads no pages around a fault
@@ -183,7 +185,7 @@ class Store:
         for pos in range(begin, end, _WILLNEED_CHUNK):
             os.posix_fadvise(fd, pos, min(_WILLNEED_CHUNK, end - pos), os.POSIX_FADV_WILLNEED)
 
-    def done(self, file: str, offset: int, length: int) -> None:
+    def release(self, where: fmt.Range) -> None:
         """Unmap the pages of a range from this process, and drop them from the page cache unless kept warm.
 
         Only whole pages inside the range go (rounded inward, as llama.cpp's `unmap_fragment` does):
@@ -191,6 +193,7 @@ class Store:
         the tail after its last tensor belong to no neighbour and go with the first and last tensor.
         The mapping is private and untouched, so a later access just reads the file again.
         """
+        file, offset, length = where
         m = self._maps.get(file)
         fd = self._fds.get(file)
         if m is None or fd is None or length <= 0:

@@ -1,106 +1,40 @@
-"""`load_streaming`: a converted folder becomes a live model whose parameters stay on disk until used."""
+"""`load_streaming`: a converted folder becomes a live model whose parameters stay on disk until used.
+
+Load: build the model on meta, bind its parameters to the unit files (`model`), let the memory
+policy plan what stays resident (`policy`), pin that, start the reader (`prefetch`), and register the
+hooks whose pass lifecycle pages everything else in and out (`lifecycle`, `pager`).
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import logging
 import os
-import re
 import shutil
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from pylomin.converter import cache, hub, layout
+from pylomin._os import Memory
 from pylomin.errors import PylominError
 from pylomin.format import manifest as fmt
 from pylomin.format.quant import Scheme, parse_scheme
-from pylomin.modeling import build_on_meta, experts_count, resolve_model_cls
-from pylomin.runtime.adapt import HEADROOM, Adaptive, Decision, decide, with_available
-from pylomin.runtime.build import bind, stored_dtype
-from pylomin.runtime.hooks import HookManager, Slot
-from pylomin.runtime.limits import Memory, read_memory
-from pylomin.runtime.plan import Plan, Target, make_plan
+from pylomin.modeling import build_on_meta, check_layout, experts_count, resolve_model_cls
+from pylomin.runtime.experts import ExpertPaging, fused_experts
+from pylomin.runtime.lifecycle import Lifecycle
+from pylomin.runtime.model import Stream, bind, pop_stream, set_stream, stored_dtype
+from pylomin.runtime.options import Options
+from pylomin.runtime.pager import Pager
+from pylomin.runtime.policy import MemoryPolicy, Plan, Target
 from pylomin.runtime.prefetch import Prefetcher
 from pylomin.runtime.quant import check_kernels, prepare_
-from pylomin.runtime.stage import Copy, PinnedCopy
+from pylomin.runtime.stage import Copy, PinnedCopy, Stager
 from pylomin.runtime.store import Store
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Options:
-    """The runtime options of a streamed model, checked: what `load_streaming` and `lazy_loading` share."""
-
-    device: torch.device
-    dtype: torch.dtype | None
-    drop_page_cache: bool | None  # None: chosen with the budget ("auto")
-    prefetch: int
-    prefetch_bytes: int
-    memory_budget: int | None  # None: "auto", from the memory this process may use
-
-    @classmethod
-    def check(
-        cls,
-        *,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype | str | None = None,
-        drop_page_cache: bool | None = None,
-        prefetch: int = 2,
-        prefetch_bytes: int | str = "256MiB",
-        memory_budget: int | str | None = "auto",
-    ) -> Options:
-        """Options from the user's arguments; a `ValueError` that says what is allowed for a bad one."""
-        auto = memory_budget is None or isinstance(memory_budget, str) and memory_budget.strip().lower() == "auto"
-        return cls(
-            device=_check_device(device),
-            dtype=_check_dtype(dtype),
-            drop_page_cache=None if drop_page_cache is None else _check_bool("drop_page_cache", drop_page_cache),
-            prefetch=_check_count("prefetch", prefetch),
-            prefetch_bytes=_check_size("prefetch_bytes", prefetch_bytes),
-            memory_budget=None if auto else _check_size("memory_budget", memory_budget),  # type: ignore[arg-type]
-        )
-
-
-@dataclass
-class Stream:
-    """What pylomin attaches to a model it streams: its files, its hooks, and how to undo them."""
-
-    store: Store
-    manager: HookManager
-    base_class: type
-    device: torch.device
-    restore: bool  # unload_ copies parameters back into memory (models that came from memory)
-    cleanup: Any  # weakref.finalize closing the files (and removing a temporary folder)
-
-
-# Page fused experts per expert (the router's choice); False reads them with their layer, like any
-# other tensor: only for benchmarks that compare the two.
-PER_EXPERT = True
-
-_STREAM = "_pylomin_stream"  # the one key pylomin sets on a model; read only through stream_of
-
-
-def stream_of(model: nn.Module) -> Stream:
-    """The `Stream` of a model from `load_streaming` or `lazy_loading`; `ValueError` for any other model."""
-    stream = model.__dict__.get(_STREAM)
-    if not isinstance(stream, Stream):
-        raise ValueError(
-            f"`{type(model).__name__}` is not a pylomin model (not returned by load_streaming or lazy_loading)"
-        )
-    return stream
-
-
-def is_streamed(model: nn.Module) -> bool:
-    """Whether pylomin streams `model` now."""
-    return isinstance(model.__dict__.get(_STREAM), Stream)
 
 
 def load_streaming(
@@ -168,17 +102,29 @@ def load_streaming(
         prefetch_bytes=prefetch_bytes,
         memory_budget=memory_budget,
     )
+    return load(path, model_cls, options, revision=revision, cache_dir=cache_dir, quantize=quantize)
+
+
+def load(
+    path: str | os.PathLike[str],
+    model_cls: Callable[..., nn.Module] | type | str,
+    options: Options,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    quantize: str | Scheme | None = None,
+) -> nn.Module:
+    """`load_streaming` with its options checked already (`Options`, which also holds those only benchmarks set)."""
     model_cls = resolve_model_cls(model_cls)
     scheme = parse_scheme(quantize) if quantize is not None else None
     folder = Path(path)
-    if hub.is_repo_id(path):
+    if not folder.exists():
+        # A repo id: converted into the cache on first use. The converter is imported only here.
+        from pylomin.converter import cache
+
         if scheme is not None:
             check_kernels(scheme)  # before converting: a scheme this machine cannot run is refused first
-        folder = cache.converted(os.fspath(path), revision, cache_dir=cache_dir, model_cls=model_cls, quantize=scheme)
-    elif not folder.exists():
-        raise FileNotFoundError(
-            f"`{folder}` does not exist; convert a model first with `pylomin-convert MODEL {folder}`"
-        )
+        folder = cache.resolve(os.fspath(path), revision, cache_dir=cache_dir, model_cls=model_cls, quantize=scheme)
     manifest = fmt.read(folder)
     held = manifest.quantization
     if scheme is not None and (held is None or held.scheme != scheme):
@@ -190,7 +136,7 @@ def load_streaming(
             f"a converted folder is loaded as it is: convert it with `pylomin-convert SRC OUT_DIR --quantize ...`"
         )
     model = build_on_meta(model_cls, folder, options.dtype or stored_dtype(manifest))
-    layout.check(manifest.layout, model, folder)
+    check_layout(manifest.layout, model, folder)
     if held is not None:
         prepare_(model, held, folder, options.device)
     return attach_(model, folder, manifest, options).eval()
@@ -214,7 +160,8 @@ def attach_(
     """
     device = options.device
     store = Store(folder, manifest, drop_page_cache=options.drop_page_cache is not False)
-    manager: HookManager | None = None
+    lifecycle: Lifecycle | None = None
+    reader: Prefetcher | None = None
     try:
         slots = bind(model, manifest, store, options.dtype, strict=strict)
         for module in model.modules():
@@ -228,156 +175,78 @@ def attach_(
             Target(names.get(m, type(m).__name__), tuple(s.stored_name for s in slots[m]), isinstance(m, nn.Embedding))
             for m in order
         ]
-        locations = {name: store.location(name) for name in manifest.tensor_index()}
         # Per-expert paging needs parameters that are views of the files (a device or dtype copy
         # copies whole tensors).
         zero_copy = device.type == "cpu" and options.dtype in (None, stored_dtype(manifest))
-        experts = _fused_experts(model, slots) if zero_copy and PER_EXPERT else {}
-        fused = {name: count for names, count in experts.values() for name in names}
-        model_bytes = sum(locations[n][2] for n in {n for t in targets for n in t.tensors})
-
-        def plan_for(budget: int, units: int) -> Plan:
-            return make_plan(
-                targets,
-                locations,
-                memory_budget=budget,
-                prefetch_units=units,
-                prefetch_bytes=options.prefetch_bytes,
-                experts=fused,
-            )
-
-        def largest_streamed(budget: int) -> int:  # what one streamed unit reads (a lookup: a few rows)
-            plan = plan_for(budget, 0)
-            return max(
-                (
-                    sum(locations[n][2] for n in set(t.tensors) - plan.resident - set(plan.experts))
-                    for t in targets
-                    if not t.lookup
-                ),
-                default=0,
-            )
-
-        decision = None
-        if options.memory_budget is None:
-            decision = _decide(options, device, model_bytes, largest_streamed)
-            store.drop_page_cache = decision.drop_page_cache
-            logger.info("%s", decision.describe())
-            plan = plan_for(decision.memory_budget, decision.prefetch_units)
-        else:
-            plan = plan_for(options.memory_budget, options.prefetch)
-        if copy is None and device.type == "cuda":
-            copy = PinnedCopy(device, plan.largest_streamed)
-        manager = HookManager(
-            store,
-            model,
-            order,
-            slots,
-            plan,
-            device=device,
-            copy=copy,
-            experts={m: names for m, (names, _) in experts.items() if all(n in plan.experts for n in names)},
+        stored = {(m, attr): s.stored_name for ss in slots.values() for s in ss for m, attr in s.owners}
+        experts = fused_experts(model, stored) if zero_copy and options.expert_paging else {}
+        policy = MemoryPolicy(
+            targets,
+            {name: store.location(name) for name in manifest.tensor_index()},
+            memory_budget=options.memory_budget,
+            prefetch_units=options.prefetch,
+            prefetch_bytes=options.prefetch_bytes,
+            drop_page_cache=options.drop_page_cache,
+            experts={name: experts_count(m) or 0 for m, ns in experts.items() for name in ns},
+            copies=not zero_copy,
+            gpu=_gpu_memory(device) if options.memory_budget is None else None,
         )
-        if decision is not None:
-            manager.memory_note = decision.describe()
-            if device.type == "cpu":
-                manager.adaptive = _adaptive(manager, decision, options, plan_for, largest_streamed, zero_copy)
-        manager.attach()
-        _LIVE.add(manager)
+        plan = policy.plan
+        store.drop_page_cache = policy.drop_page_cache
+        if policy.note:
+            logger.info("%s", policy.note)
+        pager = Pager(store, order, slots, plan, device=device)
+        experts = {m: ns for m, ns in experts.items() if all(n in plan.experts for n in ns)}
+        if experts:
+            top_k = int(getattr(getattr(model, "config", None), "num_experts_per_tok", 0) or 2)
+            pager.experts = ExpertPaging(store, experts, plan, top_k, pager.lock)
+        for where in plan.random_access:
+            store.random_access(where)
+        pager.fault_in(pager.pin())
+        if plan.prefetch_units > 0 or policy.adaptive and options.prefetch > 0:
+            if copy is None and device.type == "cuda":
+                copy = PinnedCopy(device, plan.largest_streamed)
+            reader = _reader(store, pager, plan, copy)
+        lifecycle = Lifecycle(model, pager, policy, reader)
+        lifecycle.attach()
     except BaseException:
-        if manager is not None:
-            manager.detach()
+        if lifecycle is not None:
+            lifecycle.detach()
+        if reader is not None:
+            reader.close()
         store.close()
         raise
-    base = type(model)
-    model.__class__ = _streamed_class(base)
     # Only what does not reference the model: the finalizer must not keep it alive.
-    cleanup = weakref.finalize(model, _close, manager.prefetcher, store, folder if remove_folder else None)
-    model.__dict__[_STREAM] = Stream(store, manager, base, device, restore, cleanup)
+    cleanup = weakref.finalize(model, _close, reader, store, folder if remove_folder else None)
+    set_stream(model, Stream(store, policy, lifecycle, reader, type(model), device, restore, cleanup))
     return model
 
 
-# The hook managers of the streamed models alive in this process: what each keeps resident is page
-# cache that the memory figure counts as reclaimable, but that model will not give it up.
-_LIVE: weakref.WeakSet[HookManager] = weakref.WeakSet()
-
-
-def _resident_elsewhere(manager: HookManager | None) -> int:
-    """Bytes the other streamed models of this process keep resident (file pages: host memory)."""
-    return sum(m.plan.resident_bytes for m in list(_LIVE) if m is not manager and m.device.type == "cpu")
-
-
-def _decide(
-    options: Options, device: torch.device, model_bytes: int, largest_streamed: Callable[[int], int]
-) -> Decision:
-    """The `"auto"` decision at load: on the CPU from the memory this process may use (less what the
-    other streamed models of this process keep resident); on CUDA the GPU holds what fits in its free
-    memory, and the host page cache keeps the model warm if it fits."""
-    host = with_available(read_memory(), -_resident_elsewhere(None))
-    units, window = options.prefetch, options.prefetch_bytes
-    if device.type != "cuda":
-        return decide(
-            host,
-            model_bytes,
-            largest_streamed,
-            prefetch_units=units,
-            prefetch_bytes=window,
-            drop_page_cache=options.drop_page_cache,
-        )
-    free, total = torch.cuda.mem_get_info(device)
-    gpu = Memory(free, total, f"{device} free memory (torch.cuda.mem_get_info)")
-    on_gpu = decide(gpu, model_bytes, largest_streamed, prefetch_units=units, prefetch_bytes=window)
-    warm_on_host = model_bytes <= host.available - HEADROOM
-    drop = options.drop_page_cache if options.drop_page_cache is not None else not warm_on_host
-    return dataclasses.replace(on_gpu, drop_page_cache=drop)
-
-
-def _adaptive(
-    manager: HookManager,
-    decision: Decision,
-    options: Options,
-    plan_for: Callable[[int, int], Plan],
-    largest_streamed: Callable[[int], int],
-    zero_copy: bool,
-) -> Adaptive:
-    """Re-plans `manager` when the memory this process may use moves (CPU)."""
-
-    def apply(d: Decision) -> None:
-        manager.replan(
-            plan_for(d.memory_budget, d.prefetch_units), drop_page_cache=d.drop_page_cache, note=d.describe()
-        )
-
-    def held() -> int:  # resident copies (a dtype cast) are anonymous memory, not reclaimable pages
-        return 0 if zero_copy else manager.plan.resident_bytes
-
-    return Adaptive(
-        decision,
-        largest_streamed,
-        apply,
-        prefetch_units=options.prefetch,
-        prefetch_bytes=options.prefetch_bytes,
-        drop_page_cache=options.drop_page_cache,
-        held=held,
-        taken=lambda: _resident_elsewhere(manager),
+def _reader(store: Store, pager: Pager, plan: Plan, copy: Copy | None) -> Prefetcher:
+    """The reader thread, and on a device the stager that copies what it reads (the pager takes the copies)."""
+    stager = None
+    if copy is not None:
+        streamed = {i: [s.stored_name for s in pager.slots[pager.order[i]] if not s.pinned] for i in plan.streamed}
+        dtypes = {s.stored_name: s.placeholder.dtype for slots in pager.slots.values() for s in slots}
+        stager = pager.stager = Stager(store, streamed, dtypes, copy)
+    pager.reader = Prefetcher(
+        store,
+        dict(enumerate(map(list, plan.ranges))),
+        list(range(len(pager.order))),  # module definition order, until a forward is recorded
+        max_units=plan.prefetch_units,
+        max_bytes=plan.prefetch_bytes,
+        skip={i for i, r in enumerate(plan.read_ahead) if not r},
+        stage=stager,
+        whole_layers=pager.whole_layers(),
     )
+    return pager.reader
 
 
-def _fused_experts(model: nn.Module, slots: dict[nn.Module, list[Slot]]) -> dict[nn.Module, tuple[list[str], int]]:
-    """Experts modules (transformers' `forward(hidden_states, top_k_index, top_k_weights)`) -> their fused
-    tensors' stored names (leading dim = number of experts) and the number of experts."""
-    stored = {(m, attr): s.stored_name for ss in slots.values() for s in ss for m, attr in s.owners}
-    out: dict[nn.Module, tuple[list[str], int]] = {}
-    for module in model.modules():
-        count = experts_count(module)
-        if count is None:
-            continue
-        names = [
-            stored[(module, attr)]
-            for attr, p in module._parameters.items()
-            if p is not None and p.dim() >= 2 and p.shape[0] == count and (module, attr) in stored
-        ]
-        if names:
-            out[module] = (names, count)
-    return out
+def _gpu_memory(device: torch.device) -> Memory | None:
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return Memory(free, total, f"{device} free memory (torch.cuda.mem_get_info)")
 
 
 def unload_(model: nn.Module) -> nn.Module:
@@ -389,12 +258,13 @@ def unload_(model: nn.Module) -> nn.Module:
     Returns:
         The same model object.
     """
-    stream = stream_of(model)
-    del model.__dict__[_STREAM]
-    _LIVE.discard(stream.manager)
-    stream.manager.detach(restore=stream.restore)
+    stream = pop_stream(model)
+    stream.policy.close()
+    stream.lifecycle.detach()
+    if stream.reader is not None:
+        stream.reader.close()
+    stream.lifecycle.pager.detach(restore=stream.restore)
     stream.cleanup()
-    model.__class__ = stream.base_class
     if not stream.restore:
         model.register_forward_pre_hook(_refuse_unloaded)
     return model
@@ -416,143 +286,3 @@ def _close(prefetcher: Prefetcher | None, store: Store, folder: Path | None) -> 
     store.close()
     if folder is not None:
         shutil.rmtree(folder, ignore_errors=True)
-
-
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-
-
-def parse_bytes(size: int | str) -> int:
-    """`"2GiB"`, `"512MB"`, `"1.5 GiB"` or an int -> bytes."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", size)
-    if m is None or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"cannot read {size!r} as a size; write e.g. '512MiB', '2GB' or a number of bytes")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def _check_device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device={device!r} is not a device ({e}); use 'cpu', 'cuda' or 'cuda:N'") from None
-    if dev.type == "cpu":
-        return dev
-    if dev.type != "cuda":
-        raise ValueError(f"device={device!r}: pylomin streams to 'cpu' or a CUDA device ('cuda', 'cuda:N')")
-    if not torch.cuda.is_available():
-        raise ValueError(
-            f"device={device!r}, but this torch sees no CUDA device (torch.cuda.is_available() is False; "
-            f"torch {torch.__version__}, built with CUDA {torch.version.cuda}); use device='cpu'"
-        )
-    count = torch.cuda.device_count()
-    if dev.index is not None and dev.index >= count:
-        raise ValueError(
-            f"device={device!r}, but this machine has {count} CUDA device(s): use 'cuda:0'..'cuda:{count - 1}'"
-        )
-    return torch.device("cuda", torch.cuda.current_device()) if dev.index is None else dev
-
-
-def _check_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    cast = fmt.parse_dtype(dtype) if isinstance(dtype, str) else dtype
-    if cast is not None and (not isinstance(cast, torch.dtype) or not cast.is_floating_point):
-        raise ValueError(f"dtype={dtype!r}: give a floating-point dtype (float32, float16, bfloat16) or None")
-    return cast
-
-
-def _check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name}={value!r}: give True or False")
-    return value
-
-
-def _check_count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name}={value!r}: give a whole number of units, 0 or more (0 turns it off)")
-    return value
-
-
-def _check_size(name: str, value: int | str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"{name}={value!r}: give a number of bytes or a size such as '512MiB'")
-    nbytes = parse_bytes(value)
-    if nbytes < 0:
-        raise ValueError(f"{name}={value!r}: a size cannot be negative")
-    return nbytes
-
-
-_STREAMED_CLASSES: dict[type, type] = {}
-
-
-def _streamed_class(base: type) -> type:
-    """A subclass of `base` for a streamed model: `device` is the streaming device, not that of its first
-    (meta) parameter; `.to` where it already is does nothing, elsewhere says how to load it there;
-    pickling says what to save instead. Its name and module are `base`'s, so it prints the same."""
-    cls = _STREAMED_CLASSES.get(base)
-    if cls is None:
-        ns: dict[str, Any] = {
-            "to": _to,
-            "cpu": lambda self: _to(self, "cpu"),
-            "cuda": lambda self, device=None: _to(self, "cuda" if device is None else torch.device("cuda", device)),
-            "float": lambda self: _to(self, torch.float32),
-            "half": lambda self: _to(self, torch.float16),
-            "bfloat16": lambda self: _to(self, torch.bfloat16),
-            "double": lambda self: _to(self, torch.float64),
-            "__reduce_ex__": _refuse_pickle,
-        }
-        if isinstance(inspect.getattr_static(base, "device", None), property):
-            # transformers reads `model.device` from the first parameter, which is on meta here.
-            ns["device"] = property(lambda self: stream_of(self).device)
-        cls = type(base.__name__, (base,), ns)
-        cls.__module__ = base.__module__
-        cls.__qualname__ = base.__qualname__
-        _STREAMED_CLASSES[base] = cls
-    return cls
-
-
-def _to(self: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
-    device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
-    stream = stream_of(self)
-    here = stream.device
-    if device is not None and device.type == "meta":
-        raise PylominError(
-            "a streamed model's parameters are placeholders on meta already, paged in from their files per unit; "
-            "`pylomin.unload_(model)` detaches it from its files"
-        )
-    if device is not None and (device.type != here.type or device.index not in (None, here.index)):
-        raise PylominError(
-            f"this streamed model runs on `{here}`; its weights stay in their files, so `.to({device})` cannot move "
-            f"them: load it with `pylomin.load_streaming(..., device='{device}')`"
-        )
-    if dtype is not None:
-        floats = {  # a quantized layer's scales keep their own dtype (`exact_dtype`), as in memory
-            p.dtype
-            for m in self.modules()
-            for n, p in m._parameters.items()
-            if p is not None and p.is_floating_point() and n not in getattr(m, "exact_dtype", ())
-        }
-        if floats - {dtype}:
-            raise PylominError(
-                f"this streamed model's weights are {', '.join(sorted(map(str, floats)))}; its weights stay in their "
-                f"files, so `.to({dtype})` cannot cast them: load it with `pylomin.load_streaming(..., dtype={dtype})`"
-            )
-    return self
-
-
-def _refuse_pickle(self: nn.Module, protocol: int) -> Any:
-    raise TypeError(
-        f"a streamed `{type(self).__name__}` cannot be pickled: its weights are mappings of the files of "
-        f"`{stream_of(self).store.folder}`. Save `model.state_dict()` (it holds the real tensors) or call "
-        "`save_pretrained`, or pickle the folder's path and load it again"
-    )

@@ -148,7 +148,8 @@ def _run_model(args: argparse.Namespace) -> int:
     import torch
 
     from pylomin.modeling import resolve_model_cls
-    from pylomin.runtime.streaming import load_streaming, stream_of
+    from pylomin.runtime.model import stream_of
+    from pylomin.runtime.streaming import load_streaming
     from pylomin.tools.profile import profile
 
     model_cls = resolve_model_cls(args.model_cls)
@@ -160,7 +161,7 @@ def _run_model(args: argparse.Namespace) -> int:
         drop_page_cache=False if args.keep_page_cache else None,
         revision=args.revision,
     )
-    note = stream_of(model).manager.memory_note
+    note = stream_of(model).policy.note
     if note:
         print(note)
     vocab = getattr(getattr(model, "config", None), "vocab_size", 1000)

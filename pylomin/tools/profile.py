@@ -199,23 +199,21 @@ def profile(
         ...     model(input_ids)
         >>> print(prof.verdict())
     """
-    from pylomin.runtime.streaming import stream_of
+    from pylomin.runtime.model import stream_of
 
-    manager = stream_of(model).manager
-    prof = Profile(
-        names=list(manager.plan.names),
-        nbytes=[sum(n for _, _, n in ranges) for ranges in manager.plan.ranges],
-    )
-    manager.recorder = prof
-    if manager.prefetcher is not None:
-        manager.prefetcher.recorder = prof
+    stream = stream_of(model)
+    plan = stream.policy.plan
+    prof = Profile(names=list(plan.names), nbytes=[sum(r.length for r in ranges) for ranges in plan.ranges])
+    stream.lifecycle.recorder = prof
+    if stream.reader is not None:
+        stream.reader.recorder = prof
     try:
         yield prof
     finally:
-        prof.memory = manager.memory_note  # as it stands at the end (a re-plan may have moved it)
-        manager.recorder = None
-        if manager.prefetcher is not None:
-            manager.prefetcher.recorder = None
+        prof.memory = stream.policy.note  # as it stands at the end (a re-plan may have moved it)
+        stream.lifecycle.recorder = None
+        if stream.reader is not None:
+            stream.reader.recorder = None
         if trace is not None:
             prof.save_trace(trace)
         if png is not None:

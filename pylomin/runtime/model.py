@@ -1,20 +1,77 @@
-"""Binding a model's parameters to the tensors of a manifest: placeholders in, one slot per tied parameter."""
+"""A streamed model: its parameters bound to the tensors of a manifest, its class, and what pylomin attaches to it.
+
+`bind` matches the model to the manifest and puts placeholders on meta in, one `Slot` per tied
+parameter; `Stream` is the one thing pylomin attaches to a model (reached through `stream_of`); the
+streamed class fixes what a model with parameters on meta would get wrong (`.device`, `.to`, pickling).
+"""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from pylomin.errors import PylominError
 from pylomin.format import manifest as fmt
-from pylomin.runtime.hooks import Slot
+from pylomin.runtime.lifecycle import Lifecycle
+from pylomin.runtime.pager import Slot
+from pylomin.runtime.policy import MemoryPolicy
+from pylomin.runtime.prefetch import Prefetcher
 from pylomin.runtime.store import Store
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Stream:
+    """What pylomin attaches to a model it streams: its files, its hooks, and how to undo them."""
+
+    store: Store  # the unit files, mapped
+    policy: MemoryPolicy  # what stays resident, what is read ahead: `policy.plan`, `policy.note`
+    lifecycle: Lifecycle  # the hooks; `lifecycle.pager` puts parameters in place and takes them out
+    reader: Prefetcher | None  # the reader thread (None: prefetch off)
+    base_class: type
+    device: torch.device
+    restore: bool  # unload_ copies parameters back into memory (models that came from memory)
+    cleanup: Any  # weakref.finalize closing the files (and removing a temporary folder)
+
+
+_STREAM = "_pylomin_stream"  # the one key pylomin sets on a model; read only through stream_of
+
+
+def stream_of(model: nn.Module) -> Stream:
+    """The `Stream` of a model from `load_streaming` or `lazy_loading`; `ValueError` for any other model."""
+    stream = model.__dict__.get(_STREAM)
+    if not isinstance(stream, Stream):
+        raise ValueError(
+            f"`{type(model).__name__}` is not a pylomin model (not returned by load_streaming or lazy_loading)"
+        )
+    return stream
+
+
+def set_stream(model: nn.Module, stream: Stream) -> None:
+    """Attach `stream` to `model`, whose class becomes the streamed subclass of its own."""
+    model.__class__ = streamed_class(stream.base_class)
+    model.__dict__[_STREAM] = stream
+
+
+def pop_stream(model: nn.Module) -> Stream:
+    """Detach the `Stream` of `model` and give it its class back."""
+    stream = stream_of(model)
+    del model.__dict__[_STREAM]
+    model.__class__ = stream.base_class
+    return stream
+
+
+def is_streamed(model: nn.Module) -> bool:
+    """Whether pylomin streams `model` now."""
+    return isinstance(model.__dict__.get(_STREAM), Stream)
 
 
 def stored_dtype(manifest: fmt.Manifest) -> torch.dtype | None:
@@ -151,3 +208,69 @@ def _patterns(model: nn.Module, attr: str) -> list[str]:
 
 def _matches(name: str, patterns: list[str]) -> bool:
     return any(re.search(p, name) for p in patterns)
+
+
+_STREAMED_CLASSES: dict[type, type] = {}
+
+
+def streamed_class(base: type) -> type:
+    """A subclass of `base` for a streamed model: `device` is the streaming device, not that of its first
+    (meta) parameter; `.to` where it already is does nothing, elsewhere says how to load it there;
+    pickling says what to save instead. Its name and module are `base`'s, so it prints the same."""
+    cls = _STREAMED_CLASSES.get(base)
+    if cls is None:
+        ns: dict[str, Any] = {
+            "to": _to,
+            "cpu": lambda self: _to(self, "cpu"),
+            "cuda": lambda self, device=None: _to(self, "cuda" if device is None else torch.device("cuda", device)),
+            "float": lambda self: _to(self, torch.float32),
+            "half": lambda self: _to(self, torch.float16),
+            "bfloat16": lambda self: _to(self, torch.bfloat16),
+            "double": lambda self: _to(self, torch.float64),
+            "__reduce_ex__": _refuse_pickle,
+        }
+        if isinstance(inspect.getattr_static(base, "device", None), property):
+            # transformers reads `model.device` from the first parameter, which is on meta here.
+            ns["device"] = property(lambda self: stream_of(self).device)
+        cls = type(base.__name__, (base,), ns)
+        cls.__module__ = base.__module__
+        cls.__qualname__ = base.__qualname__
+        _STREAMED_CLASSES[base] = cls
+    return cls
+
+
+def _to(self: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+    device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+    stream = stream_of(self)
+    here = stream.device
+    if device is not None and device.type == "meta":
+        raise PylominError(
+            "a streamed model's parameters are placeholders on meta already, paged in from their files per unit; "
+            "`pylomin.unload_(model)` detaches it from its files"
+        )
+    if device is not None and (device.type != here.type or device.index not in (None, here.index)):
+        raise PylominError(
+            f"this streamed model runs on `{here}`; its weights stay in their files, so `.to({device})` cannot move "
+            f"them: load it with `pylomin.load_streaming(..., device='{device}')`"
+        )
+    if dtype is not None:
+        floats = {  # a quantized layer's scales keep their own dtype (`exact_dtype`), as in memory
+            p.dtype
+            for m in self.modules()
+            for n, p in m._parameters.items()
+            if p is not None and p.is_floating_point() and n not in getattr(m, "exact_dtype", ())
+        }
+        if floats - {dtype}:
+            raise PylominError(
+                f"this streamed model's weights are {', '.join(sorted(map(str, floats)))}; its weights stay in their "
+                f"files, so `.to({dtype})` cannot cast them: load it with `pylomin.load_streaming(..., dtype={dtype})`"
+            )
+    return self
+
+
+def _refuse_pickle(self: nn.Module, protocol: int) -> Any:
+    raise TypeError(
+        f"a streamed `{type(self).__name__}` cannot be pickled: its weights are mappings of the files of "
+        f"`{stream_of(self).store.folder}`. Save `model.state_dict()` (it holds the real tensors) or call "
+        "`save_pretrained`, or pickle the folder's path and load it again"
+    )
