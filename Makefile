@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 # kernels: streamed == in memory must hold whatever vector unit runs it (25-35 s each on 2 cores).
 test: install
 	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q benchmarks/tests
 	ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 $(BIN)/python -m pytest -q -m bitexact
 	ATEN_CPU_CAPABILITY=default $(BIN)/python -m pytest -q -m bitexact
 

@@ -1,19 +1,14 @@
 """Bytes a streamed Mixtral's generate() reads from disk on a fresh model and after a Ctrl-C.
 
-A random Mixtral (~500 MiB fp32: 4 layers, 8 experts, top-2), saved and converted under
-/var/tmp/pylomin-bench-interrupt/ (one converted folder per pylomin source tree, so an older checkout
-converts with its own converter). Each case in a fresh child: `load_streaming(folder,
-MixtralForCausalLM, memory_budget=0)` (streamed per expert), then /proc/self/io read_bytes over a
-greedy generate() of 8 new tokens from a fixed 16-token prompt, the unit files evicted first:
-- fresh: that generate() on the just-loaded model;
-- after generate: the same generate() uninterrupted first (a control: the prefetcher saw a pass);
-- after ctrl-c: first a generate() whose prompt pass a forward hook on the middle decoder layer
-  interrupts with `KeyboardInterrupt` (once; caught; the hook removed).
-torch runs `always_call` hooks for an `Exception` only: a `KeyboardInterrupt` skips the post-hooks,
-and this measures what that costs the next generate(). Columns: bytes of the unit files still cached
-after the evict (`fincore`: pages a live mapping holds stay), MiB read by the whole generate(), by the
-prompt and by the decode tokens after the first, the ratio to fresh, equal tokens, and the passes
-pylomin counts as running afterwards.
+A random Mixtral (~500 MiB fp32: 4 layers, 8 experts, top-2) under /var/tmp/pylomin-bench-interrupt/,
+converted once per pylomin source tree. Each case in a fresh child, `memory_budget=0` (streamed per
+expert), then /proc/self/io read_bytes over a greedy generate() of 8 tokens from 16, the unit files
+evicted first: fresh; after generate (the same generate() first, whole); after ctrl-c (first a
+generate() whose prompt pass a hook on the middle layer interrupts with `KeyboardInterrupt`). torch
+runs `always_call` hooks for an `Exception` only: this measures what a skipped post-hook costs the
+next generate(). Columns: bytes still cached after the evict (`fincore`: mapped pages stay), MiB read
+in all, by the prompt and by the decode tokens after the first, the ratio to fresh, equal tokens, and
+the passes pylomin counts as running afterwards.
 
     .venv/bin/python -m benchmarks.interrupt
 """

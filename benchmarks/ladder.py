@@ -1,19 +1,15 @@
 """The memory ladder: one Llama-shaped decoder under cgroup memory limits from a quarter of its bytes to 1.5x.
 
-The ladder's Llama (1426 MiB fp32) under limits of 25, 50, 75, 100 and 150 % of its bytes, each plus
-the allowance: what a capped child that imports torch, transformers, accelerate and pylomin and
-builds nothing is charged (measured once per run). Each contender at each limit runs in one fresh
-child under it (page cache dropped first): load, a 1 x 128 forward, a second if time allows (the
-steady state, reported), then a greedy generate() of 16 tokens from 16 (decode tok/s over the tokens
-after the first); the child writes what it measured after every step, so a killed one still
-reports. A contender that failed is not run at the smaller limits (`--no-skip`). The floor per
-limit: what does not fit beside the allowance, read once per token at the cold read bandwidth.
-Prints the tables, writes bench-out/bench_ladder.json and docs/ladder.png.
-
-`--model bert`: the 1.6 GiB BERT, forward only (bench_ladder_bert.json, docs/ladder-bert.png).
-`--limits-mib 384,512`: absolute limits, the allowance not added (alone, they replace the
-percentages); plain transformers then also runs under 8 GiB as the reference of the ratios printed.
-`--quick`: a 28 MiB model (a smoke test: its figures mean nothing; charts go to bench-out/).
+The ladder's Llama (1426 MiB fp32) under limits of 25-150 % of its bytes, each plus the allowance (what
+a capped child that imports torch, transformers, accelerate and pylomin and builds nothing is charged,
+measured once). Each contender at each limit in one fresh child under it, page cache dropped first:
+load, a 1 x 128 forward, a second if time allows (reported), a greedy generate() of 16 tokens from 16
+(decode tok/s over the tokens after the first); written after every step, so a killed child still
+reports. A contender that failed is not run at the smaller limits (`--no-skip`). The floor: what does
+not fit beside the allowance, read once per token at the cold read bandwidth. Writes
+bench-out/bench_ladder.json and docs/ladder.png. `--model bert`: the 1.6 GiB BERT, forward only
+(docs/ladder-bert.png). `--limits-mib 384,512`: absolute limits, the allowance not added, and plain
+transformers under 8 GiB as the reference of the ratios. `--quick`: a 28 MiB model (a smoke test).
 
     MALLOC_MMAP_THRESHOLD_=1048576 .venv/bin/python -m benchmarks.ladder [--quick] [--limits 25,50]
         [--only memory,pylomin] [--timeout 600] [--no-png]
@@ -81,13 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"capped runs are not possible here: {why}", file=sys.stderr)
         return 1
 
-    model = (
-        (models.BERT_SMALL if args.quick else models.BERT)
-        if bert
-        else models.LLAMA_SMALL
-        if args.quick
-        else models.LLAMA
-    )
+    small, full = (models.BERT_SMALL, models.BERT) if bert else (models.LLAMA_SMALL, models.LLAMA)
+    model = small if args.quick else full
     spec = model.spec("block", "leaf", *(set(QUANTIZED) & set(contenders)))
     spec.update(measure="benchmarks.harness.child:load_forward_generate", seq=SEQ, kind=args.model)
     spec.update(prompt_tokens=PROMPT_TOKENS, new_tokens=NEW_TOKENS)
@@ -110,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if reference := bool(absolute) and "memory" in contenders:
         steps.append(("reference", runner.BASELINE_LIMIT, None))
     steps.sort(key=lambda step: step[1], reverse=True)
-    floors = {
+    floors = {  # per limit label: s per pass to read what does not fit beside the allowance
         label: max(0, pass_bytes - (model_bytes * pct // 100 if pct is not None else max(0, limit - extra))) / bandwidth
         for label, limit, pct in sorted(steps, key=lambda step: step[1])
         if label != "reference"
@@ -123,9 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             at = f"{pct} %" if pct is not None else label
             for key in contenders if label != "reference" else ["memory"]:
                 head: dict[str, Any] = {"pct": pct, "limit": limit, "contender": key}
-                head.update(
-                    {"reference": True} if label == "reference" else {"limit_mib": limit // MIB} if pct is None else {}
-                )
+                if pct is None:
+                    head.update({"reference": True} if label == "reference" else {"limit_mib": limit // MIB})
                 if key in failed_at and not args.no_skip:
                     rows.append({**head, "ok": False, "skipped": f"skipped (failed at {failed_at[key]})"})
                     continue
@@ -193,14 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     ratios = reference_ratios(rows) if reference else []
     if reference:
         print("\n" + "\n".join(ratios) if ratios else "\nno reference ratios: plain transformers under 8 GiB failed")
-    dump: dict[str, Any] = {"model": model.name, "kind": args.model, "config": model.config, "model_bytes": model_bytes}
-    dump.update(
-        allowance=extra, allowance_run=extra_run, bandwidth=bandwidth, cpus=os.cpu_count(), timeout=args.timeout
-    )
-    dump.update(command=" ".join(["python -m benchmarks.ladder", *sys.argv[1:]]), runs=rows)
-    dump["floors"] = {str(label): s for label, s in floors.items()}
-    if absolute:
-        dump.update(limits_mib=absolute, reference_ratios=ratios)
+    dump = dict(model=model.name, kind=args.model, config=model.config, model_bytes=model_bytes, allowance=extra)
+    dump.update(allowance_run=extra_run, bandwidth=bandwidth, cpus=os.cpu_count(), timeout=args.timeout, runs=rows)
+    dump.update(command=" ".join(["python -m benchmarks.ladder", *sys.argv[1:]]), floors=floors)
+    dump.update(dict(limits_mib=absolute, reference_ratios=ratios) if absolute else {})
     wrote = [OUT / ("bench_ladder_bert.json" if bert else "bench_ladder.json")]
     wrote[0].write_text(json.dumps(dump, indent=1))
     if not args.no_png and not limits:
@@ -218,17 +204,13 @@ def reference_ratios(rows: list[dict[str, Any]]) -> list[str]:
     ref = next((r for r in rows if r.get("reference") and r["ok"]), None)
     if ref is None:
         return []
-    out = [
-        f"reference: plain transformers under {ref['limit'] / MIB:.0f} MiB, forward {ref['forward_s']:.3f} s, "
-        f"charged {ref['max_usage'] / MIB:.0f} MiB"
+    head = f"reference: plain transformers under {ref['limit'] / MIB:.0f} MiB, forward {ref['forward_s']:.3f} s, "
+    return [head + f"charged {ref['max_usage'] / MIB:.0f} MiB"] + [
+        f"{r['contender']} at {r['limit_mib']} MiB: forward {r['forward_s'] / ref['forward_s']:.2f}x the reference's, "
+        f"charged {r['max_usage'] / ref['max_usage']:.2f}x"
+        for r in rows
+        if "limit_mib" in r and r["ok"]
     ]
-    for r in rows:
-        if "limit_mib" in r and r["ok"]:
-            out.append(
-                f"{r['contender']} at {r['limit_mib']} MiB: forward {r['forward_s'] / ref['forward_s']:.2f}x the "
-                f"reference's, charged {r['max_usage'] / ref['max_usage']:.2f}x"
-            )
-    return out
 
 
 if __name__ == "__main__":

@@ -1,14 +1,13 @@
 """Mixture-of-experts decoding: per-expert paging against per-layer paging, accelerate and the in-memory model.
 
-A random Mixtral (~830 MiB fp32: 8 layers, 8 experts, top-2, vocab 32000), greedy generate() of 32
-tokens from a fixed 16-token prompt, batch 1. Each contender in a fresh process: its files evicted
-after loading, one generate() (cold), then another in the same process (warm; pylomin's profiled and
-its verdict kept). A streamer stamps every token with the time and /proc/self/io read_bytes: prefill,
-decode tok/s over the tokens after the first, bytes read per decode token against the bytes a token
-uses (the manifest: every tensor but the experts and the embedding table, one embedding row, top-k /
-experts of the experts). Every contender's tokens must equal the in-memory model's. Then six of them
-again under a cgroup limit of half the model + 300 MiB (page cache dropped first), one cold
-generate(). Prints a table and the targets' ratios, writes bench-out/bench_moe.json. `--quick`: 2 layers.
+A random Mixtral (~830 MiB fp32: 8 layers, 8 experts, top-2), greedy generate() of 32 tokens from a
+fixed 16-token prompt. Each contender in a fresh process: its files evicted after loading, one
+generate() (cold), then another (warm; pylomin's profiled). Per token, a streamer records the time and
+/proc/self/io read_bytes: prefill, decode tok/s after the first token, bytes read per decode token
+against the bytes a token uses (the manifest: all but the experts and the embedding table, one
+embedding row, top-k / experts of the experts). Tokens must equal the in-memory model's. Then six
+contenders under a cgroup limit of half the model + 300 MiB (page cache dropped), one cold
+generate(). Writes bench-out/bench_moe.json. `--quick`: 2 layers.
 
     MALLOC_MMAP_THRESHOLD_=1048576 .venv/bin/python -m benchmarks.moe [--quick] [--only per-expert,dense]
 """
@@ -100,23 +99,12 @@ def table(rows: dict[str, dict[str, Any]], used: int) -> str:
             cold, warm = r["cold"], r["warm"]
             cells = [f"{cold['prefill_s']:.2f}", f"{cold['decode_tps']:.2f}", f"{warm['decode_tps']:.2f}"]
             cells += [f"{cold['read_per_token'] / MIB:.1f}", f"{cold['read_per_token'] / used:.2f}"]
-        cap = r.get("capped")
-        capped = (
-            "-"
-            if cap is None
-            else f"{cap['cold']['decode_tps']:.2f}"
-            if cap["ok"]
-            else f"{cap['reason']} ({cap['seconds']:.0f} s)"
-        )
-        outputs = [r.get("tokens"), r.get("warm_tokens"), (cap or {}).get("tokens")]
-        same = (
-            "-"
-            if key == "memory" or ref is None
-            else "ok"
-            if all(o == ref for o in outputs if o is not None)
-            else "DIFFERENT"
-        )
-        lines.append([key, *cells, capped, same])
+        cap = r.get("capped") or {}
+        capped = f"{cap['reason']} ({cap['seconds']:.0f} s)" if cap and not cap["ok"] else "-"
+        capped = f"{cap['cold']['decode_tps']:.2f}" if cap.get("ok") else capped
+        outputs = [r.get("tokens"), r.get("warm_tokens"), cap.get("tokens")]
+        same = "ok" if all(o == ref for o in outputs if o is not None) else "DIFFERENT"
+        lines.append([key, *cells, capped, "-" if key == "memory" or ref is None else same])
     header = ["contender", "cold prefill s", "cold decode tok/s", "warm decode tok/s", "read MiB/token (cold)"]
     return report.table([*header, "read/used", "capped decode tok/s", "same tokens"], "lrrrrrrc", lines)
 
@@ -193,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "prefill and decode from the page cache). capped: a cgroup memory limit of half the model + "
         f"{CAP_BASE // MIB} MiB = {limit / MIB:.0f} MiB, page cache dropped first, one cold generate()."
     )
-    dump = {"model": model.name, "config": model.config, "model_bytes": total, "used_bytes": used, "dense_bytes": dense}
+    dump = dict(model=model.name, config=model.config, model_bytes=total, used_bytes=used, dense_bytes=dense)
     dump.update(bandwidth=bandwidth, cap=limit if cap_note is None else cap_note, rows=rows)
     (OUT / "bench_moe.json").write_text(json.dumps(dump, indent=1))
     print(f"\nwrote {OUT / 'bench_moe.json'}; total {time.perf_counter() - t_start:.0f} s")

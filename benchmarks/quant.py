@@ -31,7 +31,6 @@ from benchmarks.harness.paths import MIB, OUT
 
 SEQ, PROMPT, NEW, AGREE = 128, 16, 32, 64
 SCHEMES = ("fp32", "int8", "int4", "int8+head", "int4+head")  # +head: --quantize-head too
-FOLDER = {"fp32": "block"}  # the spec's folder of a scheme, where the names differ
 WARM = [("memory", "fp32", "memory"), ("memory", "int8", "memory-int8"), ("memory", "int4", "memory-int4")]
 WARM += [("pylomin", scheme, "default") for scheme in SCHEMES]  # (how, scheme, the harness's contender)
 
@@ -77,13 +76,10 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     model = models.LLAMA_SMALL if args.quick else models.LLAMA
-    spec = {**model.spec(*(FOLDER.get(s, s) for s in SCHEMES)), "measure": "benchmarks.quant:measure"}
-    sizes = {s: models.nbytes(spec["folders"][FOLDER.get(s, s)]) for s in SCHEMES}
-    print(
-        f"\n### {model.name}: "
-        + ", ".join(f"{s} {sizes[s] / MIB:.0f} MiB" for s in SCHEMES)
-        + f"; {os.cpu_count()} CPUs\n"
-    )
+    spec = {**model.spec("block", *SCHEMES[1:]), "measure": "benchmarks.quant:measure"}
+    spec["folders"]["fp32"] = spec["folders"]["block"]
+    sizes = {s: models.nbytes(spec["folders"][s]) for s in SCHEMES}
+    print(f"\n### {model.name}: {', '.join(f'{s} {sizes[s] / MIB:.0f} MiB' for s in SCHEMES)}; {os.cpu_count()} CPUs\n")
     OUT.mkdir(exist_ok=True)
     rows: list[dict[str, Any]] = []
     limited: list[dict[str, Any]] = []
@@ -91,15 +87,14 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         for how, scheme, contender in WARM:
             name = f"{how}-{scheme}-warm"
-            child = {**spec, "contender": contender, "folder": FOLDER.get(scheme, scheme), "mode": "warm"}
+            child = {**spec, "contender": contender, "folder": scheme, "mode": "warm"}
             r = runner.spawn(child, work, name=name)
             r.update(how=how, scheme=scheme, mode="warm", seconds=r["wall_s"], logits=torch.load(work / f"{name}.pt"))
             rows.append(r)
             print(f"  warm {how:8s} {scheme}: decode {r['decode_tps']:.2f} tok/s ({r['seconds']:.0f} s)", flush=True)
         for scheme in SCHEMES:
-            folder = FOLDER.get(scheme, scheme)
-            evict(models.unit_files(spec["folders"][folder]))
-            child = {**spec, "contender": "budget0", "folder": folder, "mode": "cold"}
+            evict(models.unit_files(spec["folders"][scheme]))
+            child = {**spec, "contender": "budget0", "folder": scheme, "mode": "cold"}
             r = runner.spawn(child, work, name=f"pylomin-{scheme}-cold")
             r.update(how="pylomin", scheme=scheme, mode="cold", seconds=r["wall_s"])
             rows.append(r)
@@ -115,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             ladder = dict(measure="benchmarks.harness.child:load_forward_generate", contender="default", seq=SEQ)
             ladder.update(prompt_tokens=16, new_tokens=16)
             for scheme in SCHEMES:
-                child = {**spec, **ladder, "folder": FOLDER.get(scheme, scheme)}
+                child = {**spec, **ladder, "folder": scheme}
                 r = runner.spawn_capped(child, work, limit, 600.0, name=f"limit-{scheme}")
                 r.update(scheme=scheme, limit=limit, allowance=extra)
                 limited.append(r)

@@ -1,17 +1,14 @@
 """The memory limit lowered mid-run: does pylomin's default follow it, without an OOM kill, and come back?
 
-The ladder's Llama (1426 MiB fp32), loaded with `load_streaming(folder, LlamaForCausalLM)` and no
-options by one child in a cgroup of its own (page cache dropped first; root), which then runs batch-1
-x 128 forwards of one fixed input when told to. Between phases this process writes the cgroup's
-limit, the child alive and the model loaded: `high` (allowance + 150 % of the model, 4 forwards),
-`low` (lowered to allowance + 40 %, 6 forwards), `back` (raised to 150 % again, 6 forwards). Before
-each phase the child waits until pylomin re-reads the memory figure. Then a fresh child at 40 % from
-the start, 6 forwards, its steady state the median of the last 4. Every forward reports its time,
-the bytes kept resident, pylomin's memory note and the cgroup's usage; its logits must equal the
-first forward's (exit 3 if not). Per phase: the cgroup's peak, `failcnt`, the OOM kills. Targets:
-no OOM kill, no error; from the 2nd forward after lowering within 1.2x of the fresh child at 40 %;
-after raising, the speed of before. Prints the tables, writes bench-out/bench_shrink.json.
-`--quick`: the 28 MiB Llama (a smoke test: its percentages are inside the allowance's own variation).
+The ladder's Llama (1426 MiB fp32), loaded with no options by one child in a cgroup of its own (page
+cache dropped first; root), which runs batch-1 x 128 forwards when told to. Between phases this
+process writes the cgroup's limit: `high` (allowance + 150 % of the model, 4 forwards), `low`
+(lowered to allowance + 40 %, 6), `back` (150 % again, 6); each phase waits until pylomin re-reads the
+memory figure. Then a fresh child at 40 % (6 forwards; steady state: the median of the last 4). Every
+forward reports its time, the bytes kept resident, pylomin's memory note and the cgroup's usage; its
+logits must equal the first's. Per phase: the cgroup's peak, `failcnt`, the OOM kills. Targets: no
+OOM kill or error; from the 2nd forward after lowering within 1.2x of the fresh child; after raising,
+the speed of before. Writes bench-out/bench_shrink.json. `--quick`: the 28 MiB Llama (a smoke test).
 
     MALLOC_MMAP_THRESHOLD_=1048576 .venv/bin/python -m benchmarks.shrink [--quick] [--high 150] [--low 40]
         [--timeout 900]
@@ -95,20 +92,43 @@ def short(note: str) -> str:
     return re.sub(r"\(cgroup (v[12]) \S+: ", r"(cgroup \1: ", note)
 
 
-def run_phase(run: runner.Driven, name: str, n: int) -> dict[str, Any]:
-    """`n` forwards as phase `name`: their events and the cgroup's counters over the phase."""
+def session(spec: dict[str, Any], name: str, plan: list[tuple[str, int]], limits: dict, pct: dict, work: Path) -> dict:
+    """One child in a cgroup of its own through `plan` [(phase, forwards)], its limit moved to each phase's."""
 
     def show(e: dict[str, Any]) -> None:
+        same = "" if e["same"] else ", LOGITS DIFFER"
         print(
-            f"  {run.name} {e['phase']:4s} forward {e['k'] + 1}: {e['seconds']:.3f} s, resident "
-            f"{e['resident'] / MIB:.0f} MiB, charged {e['usage'] / MIB:.0f} MiB"
-            + ("" if e["same"] else ", LOGITS DIFFER"),
+            f"  {name} {e['phase']:4s} forward {e['k'] + 1}: {e['seconds']:.3f} s, resident {e['resident'] / MIB:.0f} "
+            f"MiB, charged {e['usage'] / MIB:.0f} MiB{same}",
             flush=True,
         )
 
-    run.group.reset_peak()
-    forwards = run.until("phase done", show) if run.send(f"run {name} {n}") else None
-    return {"name": name, "forwards": forwards or [], "complete": forwards is not None, **run.group.counters()}
+    run = runner.Driven(spec, name, limits[plan[0][0]], spec["timeout"], work)
+    phases: list[dict[str, Any]] = []
+    changes: list[dict[str, Any]] = []
+    try:
+        load = run.events[-1] if run.until("loaded") is not None else None
+        if load is not None:
+            print(f"  loaded in {load['load_s']:.2f} s: {short(load['note'])}", flush=True)
+        for i, (phase, n) in enumerate(plan if load is not None else []):
+            if i > 0:
+                changes.append(c := {"to": phase, **run.group.set_limit(limits[phase])})
+                print(
+                    f"  limit -> {limits[phase] / MIB:.0f} MiB ({pct[phase]} %) in {c['seconds']:.2f} s, charged "
+                    f"{c['usage_before'] / MIB:.0f} -> {c['usage_after'] / MIB:.0f} MiB"
+                    + (f", EBUSY x{c['ebusy']}" if c["ebusy"] else "")
+                    + (f", FAILED: {c['error']}" if "error" in c else ""),
+                    flush=True,
+                )
+            run.group.reset_peak()
+            forwards = run.until("phase done", show) if run.send(f"run {phase} {n}") else None
+            phases.append({"name": phase, "forwards": forwards or [], "complete": forwards is not None})
+            phases[-1].update(run.group.counters())
+            if forwards is None:
+                break
+    finally:
+        end = run.close({3: "logits differ"})
+    return {"load": load, "phases": phases, "changes": changes, "end": end}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,39 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     OUT.mkdir(exist_ok=True)
-    phases: list[dict[str, Any]] = []
-    changes: list[dict[str, Any]] = []
+    spec["timeout"] = args.timeout
     with tempfile.TemporaryDirectory(prefix="shrink-", dir=OUT) as tmp:
-        run = runner.Driven(spec, "shrink", high, args.timeout, Path(tmp))
-        try:
-            loaded = run.until("loaded")
-            load = next((e for e in run.events if e["event"] == "loaded"), None)
-            if load is not None:
-                print(f"  loaded in {load['load_s']:.2f} s: {short(load['note'])}", flush=True)
-            for phase, n in PHASES if loaded is not None else ():
-                if phase != "high":
-                    change = {"to": phase, **run.group.set_limit(limits[phase])}
-                    changes.append(change)
-                    print(
-                        f"  limit -> {limits[phase] / MIB:.0f} MiB ({pct[phase]} %) in {change['seconds']:.2f} s, "
-                        f"charged {change['usage_before'] / MIB:.0f} -> {change['usage_after'] / MIB:.0f} MiB"
-                        + (f", EBUSY x{change['ebusy']}" if change["ebusy"] else "")
-                        + (f", FAILED: {change['error']}" if "error" in change else ""),
-                        flush=True,
-                    )
-                phases.append(run_phase(run, phase, n))
-                if not phases[-1]["complete"]:
-                    break
-        finally:
-            shrink_end = run.close({3: "logits differ"})
-        fresh = runner.Driven(spec, "fresh", low, args.timeout, Path(tmp))
-        try:
-            fresh_phase = run_phase(fresh, "fresh", FRESH_FORWARDS) if fresh.until("loaded") is not None else None
-        finally:
-            fresh_end = fresh.close({3: "logits differ"})
-        fresh_load = next((e for e in fresh.events if e["event"] == "loaded"), None)
-
-    by = {ph["name"]: ph for ph in [*phases, *([fresh_phase] if fresh_phase else [])]}
+        shrink = session(spec, "shrink", list(PHASES), limits, pct, Path(tmp))
+        fresh = session(spec, "fresh", [("fresh", FRESH_FORWARDS)], limits, pct, Path(tmp))
+    ends = {"shrink": shrink["end"], "fresh": fresh["end"]}
+    by = {ph["name"]: ph for ph in shrink["phases"] + fresh["phases"]}
 
     def times(phase: str, skip: int) -> list[float]:
         return [e["seconds"] for e in by[phase]["forwards"][skip:]] if phase in by else []
@@ -187,13 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     settled = next(
         (k + 1 for k in range(len(low_times)) if fresh_steady and max(low_times[k:]) <= TARGET * fresh_steady), None
     )
-    errors = [
-        f"{label}: {end['reason']}"
-        for label, end in (("shrink", shrink_end), ("fresh", fresh_end))
-        if end["reason"] != "ok"
-    ]
-    errors += [f"limit -> {c['to']}: {c['error']}" for c in changes if "error" in c]
-    oom = shrink_end["oom_kills"] + fresh_end["oom_kills"]
+    errors = [f"{label}: {end['reason']}" for label, end in ends.items() if end["reason"] != "ok"]
+    errors += [f"limit -> {c['to']}: {c['error']}" for c in shrink["changes"] if "error" in c]
+    oom = sum(end["oom_kills"] for end in ends.values())
     child_of = {name: "fresh" if name == "fresh" else "shrink" for name in by}
     lines = [
         [child_of[name], name, f"{limits[name] / MIB:.0f}", pct[name], e["k"] + 1, f"{e['seconds']:.3f}"]
@@ -217,11 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         + f"\nafter raising back (forwards 2-{len(times('back', 0))}, median) {fmt(after_back, '.3f')} s vs before "
         f"lowering (forwards 2-{len(times('high', 0))}) {fmt(before, '.3f')} s: {fmt(ratio_back, '.2f')}x"
         f"\nOOM kills: {oom}; errors: {', '.join(errors) if errors else 'none'}"
-        + "".join(
-            f"\n  {end['reason']}: {end['stderr_tail'].strip()[-600:]}"
-            for end in (shrink_end, fresh_end)
-            if end["stderr_tail"]
-        ),
+        + "".join(f"\n  {e['reason']}: {e['stderr_tail'].strip()[-600:]}" for e in ends.values() if e["stderr_tail"]),
         flush=True,
     )
     summary = dict(before_s=before, after_low_s=after_low, fresh_low_s=fresh_steady, after_back_s=after_back)
@@ -233,8 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     dump.update(
         allowance_run=extra_run, cpus=os.cpu_count(), command=" ".join(["python -m benchmarks.shrink", *sys.argv[1:]])
     )
-    dump.update(limits=limits, percent=pct, load=load, limit_changes=changes, phases=phases, shrink_end=shrink_end)
-    dump.update(fresh_load=fresh_load, fresh=fresh_phase, fresh_end=fresh_end, summary=summary)
+    dump.update(limits=limits, percent=pct, load=shrink["load"], limit_changes=shrink["changes"])
+    dump.update(phases=shrink["phases"], shrink_end=ends["shrink"], fresh_load=fresh["load"])
+    dump.update(fresh=by.get("fresh"), fresh_end=ends["fresh"], summary=summary)
     (OUT / "bench_shrink.json").write_text(json.dumps(dump, indent=1))
     print(f"\nwrote {OUT / 'bench_shrink.json'}; total {time.perf_counter() - t_start:.0f} s")
     return 0 if not errors and not oom else 2

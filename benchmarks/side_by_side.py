@@ -26,7 +26,7 @@ from typing import Any
 
 from benchmarks.harness import cgroup, internals, models, report, runner
 from benchmarks.harness.child import Child
-from benchmarks.harness.measure import cold_read_bandwidth, evict
+from benchmarks.harness.measure import cold_read_bandwidth, evict, peak_above
 from benchmarks.harness.paths import MIB, OUT
 
 SEQ = 128
@@ -65,12 +65,10 @@ def measure(child: Child) -> None:
         return y, time.perf_counter() - t0
 
     def within(per_token: float) -> int:  # new tokens to time: all unless that takes over --max-generate-s
-        if per_token * spec["new_tokens"] <= spec["max_generate_s"]:
-            return spec["new_tokens"]
-        return max(2, int(spec["max_generate_s"] / per_token))
+        fits = per_token * spec["new_tokens"] <= spec["max_generate_s"]
+        return spec["new_tokens"] if fits else max(2, int(spec["max_generate_s"] / per_token))
 
-    base = internals.rss()
-    full = spec["new_tokens"] if gen else 1
+    base, full = internals.rss(), spec["new_tokens"] if gen else 1
     r.update(tokens={"warm": full, "cold": full}, warm=[], cold=[], peaks={}, memory_note="", output=None, api="")
     r.update(base_anon=base.anon, base_total=base.total)
     if spec.get("trial"):
@@ -87,14 +85,12 @@ def measure(child: Child) -> None:
             tokens, runs = full, spec["runs_warm"]
             if gen and (n := within(per_token)) < full:
                 tokens, runs = n, 1
-                child.notes.append(
-                    f"warm: ~{per_token:.1f} s per token, a {full}-token generate() would take ~{per_token * full:.0f}"
-                    f" s > --max-generate-s {spec['max_generate_s']:g}: timed once on {n} new tokens; cold skipped"
-                )
+                cut = f"~{per_token * full:.0f} s > --max-generate-s {spec['max_generate_s']:g}"
+                child.notes.append(f"warm: {full} tokens would take {cut}: timed once on {n} new tokens; cold skipped")
             for _ in range(runs):
                 y, seconds = run(model, tokens)
                 r["warm"].append(seconds)
-        r["tokens"]["warm"], r["peaks"]["warm"] = tokens, above(p, base)
+        r["tokens"]["warm"], r["peaks"]["warm"] = tokens, peak_above(p, base)
         r["trial_s"] = load_s + first_s
         if child.contender.how == "pylomin":
             r["memory_note"] = internals.memory_policy(model)["memory_note"]  # what "auto" chose
@@ -105,31 +101,24 @@ def measure(child: Child) -> None:
     if tokens < full or not spec["runs_cold"]:
         return
     with child.phase("cold"):
+        fresh = child.contender.how == "pylomin"  # a fresh model: drop_page_cache=True for the explicit modes
+        if fresh:
+            pylomin.unload_(model)
+            del model
+            gc.collect()
         with internals.peak_rss(0.01) as p:
-            if child.contender.how == "pylomin":  # a fresh model: drop_page_cache=True for the explicit modes
-                pylomin.unload_(model)
-                del model
-                gc.collect()
+            if fresh:
                 model = child.load(drop=True)
                 load_s, first_s = r["load_s"], run(model, 2)[1]
             if gen and (n := within(first_s / 2)) < full:
                 r["tokens"]["cold"] = n
-                child.notes.append(
-                    f"cold: ~{first_s / 2:.1f} s per token > --max-generate-s {spec['max_generate_s']:g} for {full} "
-                    f"tokens: timed on {n} new tokens"
-                )
+                child.notes.append(f"cold: ~{first_s / 2:.1f} s per token: timed on {n} new tokens, not {full}")
             files = child.files()
             for _ in range(spec["runs_cold"]):
                 evict(files)
                 r["cold"].append(run(model, r["tokens"]["cold"])[1])
-        r["peaks"]["cold"] = above(p, base)
+        r["peaks"]["cold"] = peak_above(p, base)
         r["trial_s"] = load_s + first_s + r["cold"][0]  # the cap search's time scale: load, warm-up, a cold run
-
-
-def above(p: Any, base: Any) -> dict[str, int]:
-    """The peak of the window `p` above `base`, the RSS after the imports."""
-    start = p.start - base
-    return {"total": start.total + p.total, "anon": start.anon + p.anon, "file": start.file + p.file}
 
 
 def per_unit(r: dict[str, Any], phase: str) -> float:
@@ -162,13 +151,9 @@ def table(rows: dict[str, dict[str, Any]], gen: bool, floor: float, work: Path) 
         peak = max(r["peaks"].values(), key=lambda p: p["total"])
         warm, cold = per_unit(r, "warm"), per_unit(r, "cold")
         vs_cold, vs_floor = (f"{cold / ref:.2f}x", f"{cold / max(ref, floor):.2f}x") if cold == cold else ("-", "-")
-        c = r.get("cap")
-        cap = "-" if c is None else f"> {c['fails'] / MIB:.0f}" if c["cap"] is None else f"{c['cap'] / MIB:.0f} ("
-        if c is not None and c["cap"] is not None:
-            cap += (f"✗ {c['fails'] / MIB:.0f}, " if c["fails"] is not None else "") + f"{c['seconds']:.0f} s)"
         mib = f"{peak['total'] / MIB:.0f} ({peak['anon'] / MIB:.0f} + {peak['file'] / MIB:.0f})"
         lines.append([LABELS[key], speed(r, "warm", gen), speed(r, "cold", gen), f"{warm / ref:.2f}x / {vs_cold}"])
-        lines[-1] += [vs_floor, mib, cap, same]
+        lines[-1] += [vs_floor, mib, report.smallest_cap(r.get("cap")), same]
     what = "tokens/s" if gen else "latency"
     header = ["contender", f"warm {what}", f"cold {what}", "vs in memory (warm / cold)"]
     header += ["cold vs max(in memory, I/O floor)", "peak RSS MiB (anon + file)", "min cap MiB", "same output"]
@@ -178,8 +163,7 @@ def table(rows: dict[str, dict[str, Any]], gen: bool, floor: float, work: Path) 
 def run_case(title: str, spec: dict[str, Any], args: argparse.Namespace, work: Path, caps: str | None) -> dict:
     """Every contender on one case, then (if `caps` is None) the smallest-cap search; prints the table."""
     t_case, gen, block = time.perf_counter(), spec["kind"] == "gpt2", spec["folders"]["block"]
-    bandwidth = cold_read_bandwidth(models.unit_files(block))
-    needed = models.forward_bytes(block)
+    bandwidth, needed = cold_read_bandwidth(models.unit_files(block)), models.forward_bytes(block)
     floor = needed / bandwidth
     print(
         f"\n### {title}\n\n{models.nbytes(block) / 2**30:.2f} GiB fp32; {os.cpu_count()} CPUs; cold sequential read of "
@@ -211,14 +195,12 @@ def run_case(title: str, spec: dict[str, Any], args: argparse.Namespace, work: P
         print(f"  min cap: skipped ({caps})", flush=True)
     print("\n" + table(rows, gen, floor, work))
     print(
-        f"\nwarm: median of {spec['runs_warm']}, cold: of {spec['runs_cold']} {'generate() calls' if gen else 'forwards'} "
-        "after a warm-up, the contender's files evicted before each cold one (pylomin's explicit modes: "
-        "drop_page_cache=False warm, True cold; its default: no options, kept resident where it fits, so cold ~ warm). "
-        "vs in memory: time per forward (per token) over the in-memory warm one. Peak RSS: whole process above the "
-        "RSS after the imports; total exact, split sampled every 10 ms. min cap: smallest cgroup memory limit (RAM + "
-        "swap, page cache charged) under which loading and two runs exit 0 within 30 s + 10x the unlimited load + "
-        f"warm-up + cold run, binary search in {runner.CAP_STEP // MIB} MiB steps (at most {args.cap_steps}); ✗: the "
-        f"largest cap that failed; then the wall time at the minimal cap.\n({time.perf_counter() - t_case:.0f} s)",
+        f"\nwarm: median of {spec['runs_warm']}, cold: of {spec['runs_cold']} runs after a warm-up, the files evicted "
+        "before each cold one (pylomin's default keeps a model that fits resident: cold ~ warm). vs in memory: time "
+        "per forward (token) over the in-memory warm one. Peak RSS: whole process above the RSS after the imports. "
+        "min cap: smallest cgroup limit (RAM + swap, page cache charged) under which loading and two runs exit 0 "
+        f"within 30 s + 10x the unlimited load, warm-up and cold run, binary search in {runner.CAP_STEP // MIB} MiB "
+        f"steps (at most {args.cap_steps}); ✗: the largest that failed. ({time.perf_counter() - t_case:.0f} s)",
         flush=True,
     )
     for r in rows.values():
@@ -250,19 +232,18 @@ def main(argv: list[str] | None = None) -> int:
         return {"runs_warm": warm, "runs_cold": cold}
 
     common = dict(max_generate_s=args.max_generate_s, accelerate_api=args.accelerate_api, new_tokens=NEW_TOKENS)
-    common["measure"] = "benchmarks.side_by_side:measure"
-    cases: list[tuple[str, dict[str, Any]]] = []
+    common.update(measure="benchmarks.side_by_side:measure", batch=1, caps=False)
+    bert, gpt2 = (models.BERT_SMALL, models.GPT2_SMALL) if args.quick else (models.BERT, models.GPT2_LARGE)
+    cases = []
     if not args.skip_bert:
-        bert = models.BERT_SMALL if args.quick else models.BERT
         spec = {**bert.spec("block", "leaf", *QUANTIZED), **common, "kind": "bert", "seq": SEQ}
         name = "small BERT" if args.quick else "BERT 1.6 GiB"
-        cases.append((f"{name}, batch 1 x {SEQ}", {**spec, "batch": 1, **runs(3, 3), "caps": True}))
-        cases.append((f"{name}, batch 8 x {SEQ}", {**spec, "batch": 8, **runs(2, 2), "caps": False}))
+        cases.append((f"{name}, batch 1 x {SEQ}", {**spec, **runs(3, 3), "caps": True}))
+        cases.append((f"{name}, batch 8 x {SEQ}", {**spec, **runs(2, 2), "batch": 8}))
     if not args.skip_gpt2:
-        gpt2 = models.GPT2_SMALL if args.quick else models.GPT2_LARGE
-        spec = {**gpt2.spec("block", "leaf", *QUANTIZED), **common, "kind": "gpt2", "seq": PROMPT_TOKENS, "batch": 1}
-        title = f"{'small GPT-2' if args.quick else 'GPT-2-large-sized'}, generate() {NEW_TOKENS} from {PROMPT_TOKENS}"
-        cases.append((title, {**spec, **runs(2, 1), "caps": False}))
+        spec = {**gpt2.spec("block", "leaf", *QUANTIZED), **common, "kind": "gpt2", "seq": PROMPT_TOKENS}
+        name = "small GPT-2" if args.quick else "GPT-2-large-sized"
+        cases.append((f"{name}, generate() {NEW_TOKENS} from {PROMPT_TOKENS}", {**spec, **runs(2, 1)}))
     results = []
     OUT.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="work-", dir=OUT) as tmp:

@@ -1,16 +1,11 @@
 """Hard memory limits for child processes: a cgroup of their own, v1 or v2, whichever holds the memory controller.
 
-Each capped run gets its own cgroup, created under this process's memory cgroup (so whatever limit
-already applies to us still applies to the child), removed once the child has exited. The child
-joins the cgroup itself before it execs the command (`sh -c 'echo $$ > cgroup.procs; exec ...'`),
-so every page it allocates or reads in is charged there. A page is charged to the cgroup that first
-read it, and one that an earlier run left in the page cache is free to a capped run: so every capped
-run starts with the whole page cache dropped, the interpreter's and the libraries' files included.
-
-The limit is on RAM and swap together: v1 sets `memory.memsw.limit_in_bytes` to it, v2 sets
-`memory.swap.max` to 0. Needs root; v2 also needs the memory controller in this process's group
-(`cgroup.controllers`; it is enabled for the children in `cgroup.subtree_control`) and `memory.peak`
-(Linux 5.19).
+Each capped run gets a cgroup under this process's (whatever limit applies to us still applies), removed
+once the child exits. The child joins it before it execs the command, so every page it allocates or
+reads in is charged there. A page is charged to the cgroup that first read it, and one an earlier run
+left cached is free to a capped run: so every capped run starts with the whole page cache dropped. The
+limit is on RAM and swap together (v1: `memory.memsw.limit_in_bytes`; v2: `memory.swap.max` = 0). Needs
+root; v2 also the memory controller in our group's `cgroup.controllers`, and `memory.peak` (Linux 5.19).
 """
 
 from __future__ import annotations
@@ -26,20 +21,14 @@ from typing import Any
 
 from benchmarks.harness.measure import DROP_CACHES, drop_page_cache
 
-# The kernel's files, per version: the limit, the swap limit, usage now, peak usage, the event counters.
-V1 = {
-    "limit": "memory.limit_in_bytes",
-    "swap": "memory.memsw.limit_in_bytes",  # RAM + swap
-    "usage": "memory.usage_in_bytes",
-    "peak": "memory.max_usage_in_bytes",
-    "events": "memory.oom_control",
-}
-V2 = {
-    "limit": "memory.max",
-    "swap": "memory.swap.max",  # swap alone
-    "usage": "memory.current",
-    "peak": "memory.peak",
-    "events": "memory.events",
+# The kernel's files (v1, v2): the limit; the swap limit (v1: RAM + swap, v2: swap alone); usage now; the peak;
+# the event counters (`oom_kill`; v2 also `max`, the times the limit was hit).
+FILES = {
+    "limit": ("memory.limit_in_bytes", "memory.max"),
+    "swap": ("memory.memsw.limit_in_bytes", "memory.swap.max"),
+    "usage": ("memory.usage_in_bytes", "memory.current"),
+    "peak": ("memory.max_usage_in_bytes", "memory.peak"),
+    "events": ("memory.oom_control", "memory.events"),
 }
 _JOIN = 'echo $$ > "$0" && exec "$@"'
 EBUSY_ATTEMPTS = 5
@@ -55,7 +44,7 @@ class Hierarchy:
 
     @property
     def files(self) -> dict[str, str]:
-        return V1 if self.version == 1 else V2
+        return {key: names[self.version - 1] for key, names in FILES.items()}
 
 
 def _read(path: Path) -> str:
@@ -95,9 +84,7 @@ def find(root: Path = Path("/")) -> Hierarchy | str:
             return Hierarchy(1, _group(v1, path))
         if v2 is not None and controllers == "" and "memory" in _read(_group(v2, path) / "cgroup.controllers").split():
             found = Hierarchy(2, _group(v2, path))
-    return (
-        found or "no memory controller: no cgroup v1 memory hierarchy, no `memory` in the cgroup v2 group's controllers"
-    )
+    return found or "no memory controller: none in cgroup v1, none in our cgroup v2 group's cgroup.controllers"
 
 
 def unavailable(root: Path = Path("/")) -> str | None:
@@ -180,7 +167,7 @@ class Group:
         """Write `value`; EBUSY (v1: the kernel could not reclaim down to it) retried. Returns the EBUSY count."""
         busy = 0
         while True:
-            fd = os.open(self.folder / self.files[key], os.O_WRONLY)
+            fd = os.open(self.folder / self.files[key], os.O_WRONLY | os.O_TRUNC)
             try:
                 os.write(fd, str(value).encode())
                 return busy
@@ -210,9 +197,7 @@ class Group:
             r["error"] = f"{e.strerror} writing {self.files[key]} = {value}" + (
                 f" after {EBUSY_ATTEMPTS} tries" if e.errno == errno.EBUSY else ""
             )
-        r["seconds"] = time.perf_counter() - t0
-        r["usage_after"] = self.number("usage")
-        r["limit_now"] = self.number("limit")
+        r.update(seconds=time.perf_counter() - t0, usage_after=self.number("usage"), limit_now=self.number("limit"))
         return r
 
     def popen(self, cmd: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
@@ -222,7 +207,7 @@ class Group:
     def remove(self, attempts: int = 50) -> None:
         if self._peak_fd is not None:
             os.close(self._peak_fd)
-            self._peak_fd = None
+        self._peak_fd = None
         for _ in range(attempts):
             try:
                 self.folder.rmdir()

@@ -63,6 +63,12 @@ def cold_read_bandwidth(paths: list[Path], repeats: int = 3) -> float:
     return statistics.median(rates)
 
 
+def peak_above(window: Any, base: Any) -> dict[str, int]:
+    """The peak of a `peak_rss` window above `base`, an RSS taken before it: total, anon and file bytes."""
+    start = window.start - base
+    return {"total": start.total + window.total, "anon": start.anon + window.anon, "file": start.file + window.file}
+
+
 class TokenClock:
     """A `generate(streamer=...)` streamer: the time and `read_bytes` at every `put` (the first is the prompt)."""
 

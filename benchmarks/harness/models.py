@@ -45,57 +45,27 @@ class Model:
         return {"cls": self.cls, "src": str(self.src()), "folders": {key: str(self.folder(key)) for key in keys}}
 
 
-BERT = Model(
-    "bert-1.6g",
-    "BertModel",
-    dict(vocab_size=119547, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
-    "pylomin-block",
-)  # the 1.6 GiB BERT-like model of the original pylomin benchmark
-BERT_SMALL = Model(
-    "bert-small",
-    "BertModel",
-    dict(vocab_size=30522, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
-    "pylomin-block",
+_BERT = dict(vocab_size=119547, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+BERT = Model("bert-1.6g", "BertModel", _BERT, "pylomin-block")  # the 1.6 GiB BERT of the original pylomin benchmark
+_BERT_SMALL = dict(
+    vocab_size=30522, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024
 )
+BERT_SMALL = Model("bert-small", "BertModel", _BERT_SMALL, "pylomin-block")
 _GPT2 = dict(n_embd=1280, n_layer=36, n_head=20, vocab_size=50257, n_positions=1024)
 GPT2_LARGE = Model("gpt2-large-random", "GPT2LMHeadModel", _GPT2)  # ~3 GB fp32
 GPT2_SMALL = Model("gpt2-small-random", "GPT2LMHeadModel", {**_GPT2, "n_embd": 256, "n_layer": 4, "n_head": 4})
-_LLAMA = dict(
-    hidden_size=1024,
-    intermediate_size=2816,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    num_key_value_heads=16,
-    vocab_size=32000,
-    max_position_embeddings=2048,
-    tie_word_embeddings=False,
-)
+_LLAMA = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16)
+_LLAMA.update(num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
 LLAMA = Model("llama-1.5g-random", "LlamaForCausalLM", _LLAMA)  # 1426 MiB fp32: the ladder's decoder
-LLAMA_SMALL = Model(
-    "llama-small-random",
-    "LlamaForCausalLM",
-    {
-        **_LLAMA,
-        "hidden_size": 256,
-        "intermediate_size": 704,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "vocab_size": 8000,
-    },
+_LLAMA_SMALL = dict(
+    hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4
 )
+LLAMA_SMALL = Model("llama-small-random", "LlamaForCausalLM", {**_LLAMA, **_LLAMA_SMALL, "vocab_size": 8000})
 _MIXTRAL = dict(
-    hidden_size=512,
-    intermediate_size=1792,
-    num_hidden_layers=8,
-    num_local_experts=8,
-    num_experts_per_tok=2,
-    vocab_size=32000,
-    tie_word_embeddings=False,
-    num_attention_heads=8,
-    num_key_value_heads=8,
-    max_position_embeddings=1024,
+    hidden_size=512, intermediate_size=1792, num_hidden_layers=8, num_local_experts=8, num_experts_per_tok=2
 )
+_MIXTRAL.update(vocab_size=32000, tie_word_embeddings=False, num_attention_heads=8, num_key_value_heads=8)
+_MIXTRAL.update(max_position_embeddings=1024)
 MIXTRAL = Model("mixtral-random", "MixtralForCausalLM", _MIXTRAL)  # ~830 MiB fp32, 8 experts, top-2
 MIXTRAL_SMALL = Model(
     "mixtral-small-random", "MixtralForCausalLM", {**_MIXTRAL, "num_hidden_layers": 2, "vocab_size": 8000}

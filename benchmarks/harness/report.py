@@ -33,6 +33,16 @@ def cell(r: dict[str, Any], key: str, spec: str) -> str:
     return format(r[key], spec) if key in r else "-"
 
 
+def smallest_cap(c: dict[str, Any] | None) -> str:
+    """A `runner.smallest_cap` result: the cap in MiB (✗ the largest that failed, the seconds at the cap)."""
+    if c is None:
+        return "-"
+    if c["cap"] is None:
+        return f"> {c['fails'] / MIB:.0f}"
+    failed = f"✗ {c['fails'] / MIB:.0f}, " if c["fails"] is not None else ""
+    return f"{c['cap'] / MIB:.0f} ({failed}{c['seconds']:.0f} s)"
+
+
 def status(r: dict[str, Any]) -> str:
     """How a capped run ended: ok, or why and in which step (the child's `step`)."""
     if r.get("skipped"):
