@@ -9,7 +9,7 @@ import importlib
 import inspect
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +144,26 @@ def _conv1d_class() -> type | None:
     except ImportError:
         return None
     return Conv1D  # type: ignore[no-any-return]
+
+
+def fused_experts(model: nn.Module, stored: Mapping[tuple[nn.Module, str], str]) -> dict[nn.Module, list[str]]:
+    """Experts modules -> the stored names of their fused tensors (leading dim = number of experts).
+
+    `stored`: (module, attribute) -> stored name, for every bound parameter.
+    """
+    out: dict[nn.Module, list[str]] = {}
+    for module in model.modules():
+        count = experts_count(module)
+        if count is None:
+            continue
+        names = [
+            stored[(module, attr)]
+            for attr, p in module._parameters.items()
+            if p is not None and p.dim() >= 2 and p.shape[0] == count and (module, attr) in stored
+        ]
+        if names:
+            out[module] = names
+    return out
 
 
 def fingerprint(model: nn.Module) -> str:

@@ -18,29 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pylomin.modeling import experts_count
 from pylomin.runtime.policy import Plan, Range, merge
 from pylomin.runtime.store import Store
-
-
-def fused_experts(model: nn.Module, stored: Mapping[tuple[nn.Module, str], str]) -> dict[nn.Module, list[str]]:
-    """Experts modules -> the stored names of their fused tensors (leading dim = number of experts).
-
-    `stored`: (module, attribute) -> stored name, for every bound parameter.
-    """
-    out: dict[nn.Module, list[str]] = {}
-    for module in model.modules():
-        count = experts_count(module)
-        if count is None:
-            continue
-        names = [
-            stored[(module, attr)]
-            for attr, p in module._parameters.items()
-            if p is not None and p.dim() >= 2 and p.shape[0] == count and (module, attr) in stored
-        ]
-        if names:
-            out[module] = names
-    return out
 
 
 class ExpertPaging:

@@ -22,8 +22,8 @@ from pylomin._os import Memory
 from pylomin.errors import PylominError
 from pylomin.format import manifest as fmt
 from pylomin.format.quant import Scheme, parse_scheme
-from pylomin.modeling import build_on_meta, check_layout, experts_count, resolve_model_cls
-from pylomin.runtime.experts import ExpertPaging, fused_experts
+from pylomin.modeling import build_on_meta, check_layout, experts_count, fused_experts, resolve_model_cls
+from pylomin.runtime.experts import ExpertPaging
 from pylomin.runtime.lifecycle import Lifecycle
 from pylomin.runtime.model import Stream, bind, pop_stream, set_stream, stored_dtype
 from pylomin.runtime.options import Options
