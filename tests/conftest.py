@@ -16,6 +16,7 @@ import torch
 
 import pylomin
 from pylomin.format import manifest as fmt
+from pylomin.format.header import is_padding
 from pylomin.tools.memory import release_freed_memory_eagerly
 from tests import models
 
@@ -54,7 +55,7 @@ def misaligned_tensors(root: Path) -> list[str]:
             for name, t in header.items() if isinstance(header, dict) else ():
                 offsets = t.get("data_offsets") if isinstance(t, dict) else None
                 begin = offsets[0] if isinstance(offsets, list) and offsets else None
-                if name != "__metadata__" and not fmt.is_padding(name) and type(begin) is int and (8 + n + begin) % 64:
+                if name != "__metadata__" and not is_padding(name) and type(begin) is int and (8 + n + begin) % 64:
                     bad.append(f"`{path}`: `{name}` at byte {8 + n + begin}")
     return bad
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 import pylomin
 from pylomin.converter.convert import plan_units
 from pylomin.format import manifest as fmt
+from pylomin.format.header import DATA_ALIGN, PADDING_PREFIX, is_padding
 from pylomin.runtime.store import Store
 from pylomin.tools.memory import PeakRss
 from tests import models, python
@@ -28,7 +29,7 @@ def read_back(folder: Path) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for unit in m.units:
         with safe_open(folder / unit.file, framework="pt") as f:
-            names = [n for n in f.keys() if not fmt.is_padding(n)]  # noqa: SIM118 (safe_open is not iterable)
+            names = [n for n in f.keys() if not is_padding(n)]  # noqa: SIM118 (safe_open is not iterable)
             assert set(names) == set(unit.tensors), unit.file
             for name in names:
                 out[name] = f.get_tensor(name)
@@ -95,7 +96,7 @@ def test_tensors_are_aligned_and_files_are_plain_safetensors(hf_dir, converted) 
     folder = converted("llama")
     m = fmt.read(folder)
     for unit in m.units:
-        assert all(info.offset % fmt.DATA_ALIGN == 0 for info in unit.tensors.values()), unit.name
+        assert all(info.offset % DATA_ALIGN == 0 for info in unit.tensors.values()), unit.name
     # Plain safetensors reads each unit file, finds every tensor at the manifest's offset, and gets the
     # source checkpoint's values: the offsets checked above are where the data really is.
     source = load_file(hf_dir("llama") / "model.safetensors")
@@ -103,8 +104,8 @@ def test_tensors_are_aligned_and_files_are_plain_safetensors(hf_dir, converted) 
     for unit in m.units:
         data = (folder / unit.file).read_bytes()
         (header,) = struct.unpack("<Q", data[:8])
-        assert (8 + header) % fmt.DATA_ALIGN == 0, f"`{unit.file}`: data starts at byte {8 + header}"
-        tensors = {k: v for k, v in load_file(folder / unit.file).items() if not fmt.is_padding(k)}
+        assert (8 + header) % DATA_ALIGN == 0, f"`{unit.file}`: data starts at byte {8 + header}"
+        tensors = {k: v for k, v in load_file(folder / unit.file).items() if not is_padding(k)}
         assert set(tensors) == set(unit.tensors), unit.file
         for name, info in unit.tensors.items():
             raw = tensors[name].reshape(-1).view(torch.uint8).numpy().tobytes()
@@ -178,12 +179,12 @@ def test_odd_sizes_and_every_dtype_are_aligned(dtype: str | None, tmp_path: Path
     assert misaligned_tensors(out) == [] and all(i.offset % 64 == 0 for i in unit.tensors.values())
     cast = {k: v.half() if dtype and v.is_floating_point() else v for k, v in state.items()}
     assert_same(read_back(out), cast)
-    padding = [n for n in safe_open(out / unit.file, "pt").keys() if fmt.is_padding(n)]  # noqa: SIM118
+    padding = [n for n in safe_open(out / unit.file, "pt").keys() if is_padding(n)]  # noqa: SIM118
     assert 0 < len(padding) < len(state)  # only after sizes that are not 64-byte multiples, never after the last
 
 
 def test_a_source_tensor_with_a_padding_name_is_refused(tmp_path: Path) -> None:
-    save_file({"a.weight": torch.ones(3), f"{fmt.PADDING_PREFIX}0": torch.ones(2)}, tmp_path / "m.safetensors")
+    save_file({"a.weight": torch.ones(3), f"{PADDING_PREFIX}0": torch.ones(2)}, tmp_path / "m.safetensors")
     with pytest.raises(ValueError, match=f"`{tmp_path / 'm.safetensors'}` holds tensor `__pylomin_padding_0`"):
         pylomin.convert(tmp_path / "m.safetensors", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()

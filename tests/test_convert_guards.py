@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 import pylomin
-from pylomin.converter.convert import _rename_claimed, _rename_noreplace
+from pylomin.converter.publish import _rename_claimed, _rename_noreplace
 from pylomin.format import manifest as fmt
 from pylomin.tools.cli import convert_main
 from tests import python

@@ -10,11 +10,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pylomin
-from pylomin.format import manifest as fmt
+from pylomin.format.header import SAFETENSORS_DTYPES
 from pylomin.tools.memory import PeakRss
 from tests.test_convert import read_back
 
-DTYPES = sorted(fmt.SAFETENSORS_DTYPES.values(), key=str)
+DTYPES = sorted(SAFETENSORS_DTYPES.values(), key=str)
 
 
 def sample(dtype: torch.dtype, n: int, seed: int = 0) -> torch.Tensor:

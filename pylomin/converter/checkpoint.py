@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from pylomin.errors import PylominError
-from pylomin.format.manifest import SAFETENSORS_DTYPES, decode_header
+from pylomin.format.header import SAFETENSORS_DTYPES, decode_header
 
 logger = logging.getLogger(__name__)
 

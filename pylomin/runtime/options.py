@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pylomin.format import manifest as fmt
+from pylomin.format.header import parse_dtype
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def _check_device(device: str | torch.device) -> torch.device:
 
 
 def _check_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    cast = fmt.parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    cast = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     if cast is not None and (not isinstance(cast, torch.dtype) or not cast.is_floating_point):
         raise ValueError(f"dtype={dtype!r}: give a floating-point dtype (float32, float16, bfloat16) or None")
     return cast

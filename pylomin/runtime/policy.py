@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from pylomin._os import Memory, read_memory
-from pylomin.format.manifest import DATA_ALIGN, Range
+from pylomin.format.header import DATA_ALIGN
+from pylomin.format.manifest import Range
 
 logger = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ import torch
 from pylomin import _os
 from pylomin.errors import PylominError
 from pylomin.format import manifest as fmt
+from pylomin.format.header import decode_header
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class Store:
         # from its start pulls in the first tensors too (experts nobody chose, say).
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         with open(fd, "rb", closefd=False) as f:
-            header = fmt.decode_header(path, f, size)
+            header = decode_header(path, f, size)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_NORMAL)
         if header != unit.tensors:
             raise PylominError(
