@@ -144,6 +144,10 @@ RULES = {
             and not (i.target == GATEWAY and i.deferred)
         ),
     ),
+    "runtime-below-tools": Rule(
+        "`pylomin.runtime` never imports `pylomin.tools` or the top-level API",
+        lambda i: layer(i.importer) == "runtime" and layer(i.target) in ("tools", "api"),
+    ),
 }
 
 
@@ -184,6 +188,8 @@ RULE_CASES = [  # (importer, its source, the rules it breaks)
     ("pylomin.runtime.store", "def f():\n    from pylomin.converter.cache import converted", []),
     ("pylomin.runtime.store", "def f():\n    from pylomin.converter import hub", ["runtime"]),
     ("pylomin.runtime", "from . import store\nfrom ..converter import layout", ["runtime"]),
+    ("pylomin.runtime.lifecycle", "def f():\n    from pylomin.tools.profile import Profile", ["runtime-below-tools"]),
+    ("pylomin.runtime.streaming", "import pylomin", ["runtime-below-tools"]),
     ("pylomin.tools.cli", "import pylomin.converter.convert\nfrom pylomin.runtime import store", []),
 ]
 

@@ -30,8 +30,8 @@ from pylomin.format.quant import (
 from pylomin.modeling import features
 
 # From this many rows of activations (a prompt) the int8 weight is cast to bf16 and run by bf16
-# F.linear: the int8 kernel's time grows with the rows, the cast's does not. Measured here on the
-# benchmarks' 1.4 GiB Llama quantized in memory, one forward of 32 / 64 / 96 / 128 tokens: kernel
+# F.linear: the int8 kernel's time grows with the rows, the cast's does not. Measured (the machine of
+# docs/benchmarks.md) on its 1.4 GiB Llama quantized in memory, one forward of 32 / 64 / 96 / 128 tokens: kernel
 # 0.22 / 0.40 / 0.55 / 0.71 s, cast 0.35 / 0.42 / 0.45 / 0.54 s (fp32: 0.45 s at 128). (A lone
 # 2816x1024 product crosses over at 32 rows, its weight hot in cache; in a model it comes from RAM.)
 PROMPT_ROWS = 64
