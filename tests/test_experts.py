@@ -11,6 +11,7 @@ import transformers
 
 import pylomin
 from pylomin.format import manifest as fmt
+from pylomin.runtime.experts import ExpertCache
 from pylomin.runtime.model import stream_of
 from tests import models
 from tests.test_layout import mixtral
@@ -155,3 +156,36 @@ def test_a_prompt_reads_experts_ahead_whole_and_a_decode_token_reads_only_the_ch
     assert all(s.nbytes == 0 for s in wide.spans if s.kind == "experts")  # resident when the router chose
     assert not [s for s in narrow.spans if s.kind == "read" and s.unit.endswith("mlp.experts")]
     assert sum(s.nbytes for s in narrow.spans if s.kind == "experts") == 2 * 2 * whole // 8  # top-2, 2 layers
+
+
+# --- the expert cache, a pure policy ---------------------------------------------------------------
+
+
+def test_the_expert_cache_keeps_the_most_used_experts() -> None:
+    cache = ExpertCache(capacity=3 * 10, sizes={0: 10, 1: 10})
+    assert cache.use(0, [1, 2]) == ([1, 2], [])  # read both, keep both
+    assert cache.use(1, [5, 6]) == ([5, 6], [])  # room for one: 5 kept
+    assert cache.kept == {(0, 1), (0, 2), (1, 5)}
+    assert cache.use(1, [6, 7]) == ([6, 7], [(0, 1)])  # 6 used twice now: it takes a once-used one's place
+    assert cache.kept_in(1) == {5, 6} and cache.kept_in(0) == {2}
+    assert cache.use(0, [2, 3]) == ([3], [])  # 2 hits; 3 (used once) displaces nobody used once
+    assert (cache.hits, cache.lookups) == (1, 8)
+    assert cache.hit_rate == 1 / 8
+    assert cache.kept_bytes == 30
+
+
+def test_the_expert_cache_never_drops_an_expert_the_same_call_uses() -> None:
+    cache = ExpertCache(capacity=2 * 10, sizes={0: 10})
+    cache.use(0, [0, 1])
+    cache.use(0, [2])
+    cache.use(0, [2])  # 2 used twice, 0 and 1 once: 2 replaces one of them
+    assert (0, 2) in cache.kept and len(cache.kept) == 2
+    kept_once = next(e for g, e in cache.kept if e != 2)
+    misses, dropped = cache.use(0, [kept_once, 3, 3])
+    assert (0, kept_once) not in dropped and misses == [3, 3]
+
+
+def test_an_expert_larger_than_the_cache_is_read_never_kept() -> None:
+    cache = ExpertCache(capacity=5, sizes={0: 10})
+    assert cache.use(0, [0]) == ([0], []) and cache.use(0, [0]) == ([0], [])
+    assert cache.kept == set() and cache.hit_rate == 0.0

@@ -1,9 +1,13 @@
-"""The plan as plain data: resident set, read-ahead, kernel hints and byte ranges, without threads or files."""
+"""The memory policy as plain data: the plan (resident set, read-ahead, kernel hints, byte ranges) and how
+"auto" follows the memory figure, without threads, files or a model."""
 
 from __future__ import annotations
 
-from pylomin.runtime.experts import ExpertCache
-from pylomin.runtime.policy import Target, make_plan, merge
+import gc
+
+from pylomin._os import Memory
+from pylomin.format.manifest import Range
+from pylomin.runtime.policy import HEADROOM, MemoryPolicy, Target, make_plan, merge
 
 # A GPT-2-like model: an embedding table tied to the LM head, positions, two blocks.
 TARGETS = [
@@ -14,13 +18,14 @@ TARGETS = [
     Target("lm_head", ("wte.weight",)),
 ]
 LOCATIONS = {
-    "wte.weight": ("u0", 64, 4000),
-    "wpe.weight": ("u1", 64, 1000),
-    "h.0.w": ("u2", 64, 3000),
-    "h.0.b": ("u2", 3064, 100),
-    "h.1.w": ("u3", 64, 3000),
-    "h.1.b": ("u3", 3064, 100),
+    "wte.weight": Range("u0", 64, 4000),
+    "wpe.weight": Range("u1", 64, 1000),
+    "h.0.w": Range("u2", 64, 3000),
+    "h.0.b": Range("u2", 3064, 100),
+    "h.1.w": Range("u3", 64, 3000),
+    "h.1.b": Range("u3", 3064, 100),
 }
+MODEL = 11200  # bytes of the tensors above
 
 
 def test_no_budget_streams_everything() -> None:
@@ -102,38 +107,83 @@ def test_experts_get_what_the_budget_leaves_after_the_dense_tensors() -> None:
     assert make_plan(targets, locations, experts=fused).expert_cache_bytes == 0
 
 
-def test_the_expert_cache_keeps_the_most_used_experts() -> None:
-    cache = ExpertCache(capacity=3 * 10, sizes={0: 10, 1: 10})
-    assert cache.use(0, [1, 2]) == ([1, 2], [])  # read both, keep both
-    assert cache.use(1, [5, 6]) == ([5, 6], [])  # room for one: 5 kept
-    assert cache.kept == {(0, 1), (0, 2), (1, 5)}
-    assert cache.use(1, [6, 7]) == ([6, 7], [(0, 1)])  # 6 used twice now: it takes a once-used one's place
-    assert cache.kept_in(1) == {5, 6} and cache.kept_in(0) == {2}
-    assert cache.use(0, [2, 3]) == ([3], [])  # 2 hits; 3 (used once) displaces nobody used once
-    assert (cache.hits, cache.lookups) == (1, 8)
-    assert cache.hit_rate == 1 / 8
-    assert cache.kept_bytes == 30
-
-
-def test_the_expert_cache_never_drops_an_expert_the_same_call_uses() -> None:
-    cache = ExpertCache(capacity=2 * 10, sizes={0: 10})
-    cache.use(0, [0, 1])
-    cache.use(0, [2])
-    cache.use(0, [2])  # 2 used twice, 0 and 1 once: 2 replaces one of them
-    assert (0, 2) in cache.kept and len(cache.kept) == 2
-    kept_once = next(e for g, e in cache.kept if e != 2)
-    misses, dropped = cache.use(0, [kept_once, 3, 3])
-    assert (0, kept_once) not in dropped and misses == [3, 3]
-
-
-def test_an_expert_larger_than_the_cache_is_read_never_kept() -> None:
-    cache = ExpertCache(capacity=5, sizes={0: 10})
-    assert cache.use(0, [0]) == ([0], []) and cache.use(0, [0]) == ([0], [])
-    assert cache.kept == set() and cache.hit_rate == 0.0
-
-
 def test_ranges_only_padding_apart_merge() -> None:
     # a.bias ends at 200; the next tensor starts at the next multiple of 64, 256: padding between.
     assert merge([("u", 256, 100), ("u", 0, 200)]) == [("u", 0, 356)]
     assert merge([("u", 0, 200), ("u", 320, 64)]) == [("u", 0, 200), ("u", 320, 64)]  # a tensor at 256 lies between
     assert merge([("u", 0, 200), ("v", 256, 8)]) == [("u", 0, 200), ("v", 256, 8)]
+
+
+class Machine:
+    """The memory figure and the clock a policy reads, set by the test."""
+
+    def __init__(self, available: int):
+        self.available, self.now = available, 0.0
+        gc.collect()  # what streamed models other tests left alive keep resident, the policies subtract
+        self.others = sum(p.plan.resident_bytes for p in MemoryPolicy._host)
+
+    def read(self) -> Memory:
+        return Memory(self.available + self.others, 2**34, "test")
+
+    def policy(self, **kwargs: object) -> MemoryPolicy:
+        options: dict[str, object] = dict(
+            memory_budget=None, prefetch_units=2, prefetch_bytes=2**20, drop_page_cache=None
+        )
+        options.update(kwargs)
+        return MemoryPolicy(TARGETS, LOCATIONS, read=self.read, clock=lambda: self.now, **options)  # type: ignore[arg-type]
+
+
+def test_auto_keeps_a_model_that_fits_whole_and_warm() -> None:
+    policy = Machine(HEADROOM + MODEL).policy()
+    assert policy.adaptive and policy.plan.resident_bytes == MODEL and not policy.drop_page_cache
+    assert "is kept resident" in policy.note
+
+
+def test_auto_follows_the_figure_between_forwards_at_most_once_a_second() -> None:
+    machine = Machine(HEADROOM + MODEL)
+    policy = machine.policy()
+    machine.available = HEADROOM + MODEL // 2
+    machine.now = 0.5
+    assert policy.recheck() is None  # not a second yet: nothing read
+    machine.now = 1.5
+    shrunk = policy.recheck()
+    assert shrunk is policy.plan and 0 < shrunk.resident_bytes <= MODEL // 2 and policy.drop_page_cache
+    machine.now = 3.0
+    assert policy.recheck() is None  # the same figure: the same plan
+    machine.available = HEADROOM + MODEL // 2 + MODEL // 64  # noise: less than an eighth more
+    machine.now = 4.5
+    assert policy.recheck() is None
+    machine.available = 2**30
+    machine.now = 6.0
+    grown = policy.recheck()
+    assert grown is not None and grown.resident_bytes == MODEL and not policy.drop_page_cache
+
+
+def test_a_fixed_budget_never_rereads_the_figure() -> None:
+    machine = Machine(0)
+    policy = machine.policy(memory_budget=4000, drop_page_cache=False)
+    assert not policy.adaptive and policy.note == "" and policy.plan.resident == {"wte.weight"}
+    machine.now = 100.0
+    assert policy.recheck() is None and not policy.drop_page_cache
+
+
+def test_policies_of_one_process_share_the_memory_figure() -> None:
+    # The room for one model and a half: the second sees the first one's resident pages as taken.
+    machine = Machine(HEADROOM + MODEL + MODEL // 2)
+    others = machine.others
+    first = machine.policy()
+    second = machine.policy()
+    assert first.plan.resident_bytes == MODEL and second.plan.resident_bytes <= MODEL // 2
+    copies = machine.policy(copies=True)  # resident copies are anonymous memory: not counted again
+    assert copies.resident_elsewhere() == others + first.plan.resident_bytes + second.plan.resident_bytes
+    assert first.resident_elsewhere() == others + second.plan.resident_bytes
+    second.close()
+    assert first.resident_elsewhere() == others
+
+
+def test_on_a_gpu_the_plan_follows_its_free_memory_and_the_host_keeps_pages_warm() -> None:
+    machine = Machine(HEADROOM + 2 * MODEL)
+    policy = machine.policy(gpu=Memory(HEADROOM + MODEL // 2, 2**34, "gpu"))
+    assert not policy.adaptive and policy.plan.resident_bytes <= MODEL // 2
+    assert not policy.drop_page_cache  # the model fits in the host's page cache
+    assert policy not in MemoryPolicy._host
