@@ -33,7 +33,7 @@ CAP_BASE = 300 * MIB  # the interpreter, torch and transformers under the cap, o
 CONTENDERS = {  # the table's name: the harness's contender
     "memory": "memory",  # transformers from_pretrained
     "accelerate": "accelerate",  # accelerate's disk offload
-    "dense": "budget0-dense",  # memory_budget=0, a layer's experts paged in whole (PER_EXPERT = False)
+    "dense": "budget0-dense",  # memory_budget=0, a layer's experts read whole with it (expert_paging=False)
     "per-expert": "budget0",  # memory_budget=0
     "cache-25": "share25",  # memory_budget = 25 % of the model
     "cache-50": "share50",
@@ -174,12 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {key} capped at {limit / MIB:.0f} MiB: {result} ({r['seconds']:.0f} s)", flush=True)
     print(f"\n{table(rows, used)}\n\n" + "\n".join(ratios(rows, used)))
     print(
-        "\ncold: the contender's files evicted after loading, then one generate(); warm: a second generate() in "
-        "the same process (pylomin with its default drop_page_cache=True). decode tok/s: the tokens after the "
-        "first over their time; read MiB/token: mean /proc/self/io read_bytes per decode token; read/used: that "
-        f"over the {used / MIB:.1f} MiB a decode token uses (memory and accelerate read their files back during "
-        "prefill and decode from the page cache). capped: a cgroup memory limit of half the model + "
-        f"{CAP_BASE // MIB} MiB = {limit / MIB:.0f} MiB, page cache dropped first, one cold generate()."
+        f"\nread/used: over the {used / MIB:.1f} MiB a decode token uses; capped: under {limit / MIB:.0f} MiB; --help"
     )
     dump = dict(model=model.name, config=model.config, model_bytes=total, used_bytes=used, dense_bytes=dense)
     dump.update(bandwidth=bandwidth, cap=limit if cap_note is None else cap_note, rows=rows)

@@ -128,13 +128,7 @@ def part_a(model: models.Model, runs: int, work: Path) -> None:
                 within = "yes" if r["peak"] <= most else "NO"
                 cells = [batch, label, cache, f"{r['latency']:.3f}", f"{ratio:.2f}", target, f"{r['peak'] / MIB:.0f}"]
                 print("| " + " | ".join(map(str, [*cells, f"{most / MIB:.0f}", within])) + " |", flush=True)
-    print(
-        "\nratio: warm = latency / in-memory latency; cold = latency / max(in-memory latency, I/O floor).\n"
-        "peak RSS per forward: max over the timed forwards of the peak above the RSS before the forward.\n"
-        "bound: prefetch=0 -> 2 largest streamed units; prefetch=2 -> min(prefetch_bytes, 2 largest streamed "
-        "units) + 1 largest (the word embeddings are never read ahead, so not counted), plus the activations: "
-        "the in-memory row's peak per forward."
-    )
+    print("\nratio: cold over max(in memory, I/O floor); bound: what prefetch may hold + in memory's peak; --help")
 
 
 def part_b(model: models.Model, runs: int, work: Path) -> None:
@@ -152,9 +146,7 @@ def part_b(model: models.Model, runs: int, work: Path) -> None:
         cells = [label, f"{r['tokens_per_s']:.2f}", f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}"]
         print("| " + " | ".join([*cells, f"{r['peak'] / MIB:.0f}", same]) + " |", flush=True)
     print(
-        f"\ntokens/s: {NEW_TOKENS} new tokens / median time of {runs} generate() calls after a 2-token warm-up; "
-        "streamed with drop_page_cache=False.\npeak RSS: highest resident set during generate(), above the RSS "
-        "before the model was loaded (so resident weights count)."
+        f"\ntokens/s: {NEW_TOKENS} tokens over the median of {runs} generate() calls; peak RSS: above the RSS before loading"
     )
 
 

@@ -40,17 +40,16 @@ TARGET = 1.2  # after lowering vs fresh at the low limit
 def measure(child: Child) -> int:
     """Load with the defaults, then run the forwards each stdin line asks for (`run PHASE N`), until `quit`.
 
-    One JSON line on stdout per event: `loaded`, each `forward`, `phase done`. Exit 3 when a forward's
-    logits differ from the first's, 4 when stdin closes without `quit`.
+    Each event (`loaded`, each `forward`, `phase done`) goes into the result's `events`, saved at once. Exit 3
+    when a forward's logits differ from the first's, 4 when stdin closes without `quit`.
     """
     import torch
 
     child.result["events"] = events = []
 
     def emit(**fields: Any) -> None:
-        print(json.dumps(fields), flush=True)
         events.append(fields)
-        child.save()
+        child.save()  # what the parent waits for
 
     x = torch.randint(0, child.vocab, (1, SEQ), generator=torch.Generator().manual_seed(0))
     model = child.load()
@@ -107,7 +106,7 @@ def session(spec: dict[str, Any], name: str, plan: list[tuple[str, int]], limits
     phases: list[dict[str, Any]] = []
     changes: list[dict[str, Any]] = []
     try:
-        load = run.events[-1] if run.until("loaded") is not None else None
+        load = run.last if run.until("loaded") is not None else None
         if load is not None:
             print(f"  loaded in {load['load_s']:.2f} s: {short(load['note'])}", flush=True)
         for i, (phase, n) in enumerate(plan if load is not None else []):

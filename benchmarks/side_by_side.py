@@ -92,8 +92,7 @@ def measure(child: Child) -> None:
                 r["warm"].append(seconds)
         r["tokens"]["warm"], r["peaks"]["warm"] = tokens, peak_above(p, base)
         r["trial_s"] = load_s + first_s
-        if child.contender.how == "pylomin":
-            r["memory_note"] = internals.memory_policy(model)["memory_note"]  # what "auto" chose
+        r["memory_note"] = internals.memory_policy(model).get("memory_note", "")  # what "auto" chose
         if gen:
             r["output"] = y[0, spec["seq"] :].tolist()
         else:
@@ -194,15 +193,8 @@ def run_case(title: str, spec: dict[str, Any], args: argparse.Namespace, work: P
     if spec["caps"] and caps is not None:
         print(f"  min cap: skipped ({caps})", flush=True)
     print("\n" + table(rows, gen, floor, work))
-    print(
-        f"\nwarm: median of {spec['runs_warm']}, cold: of {spec['runs_cold']} runs after a warm-up, the files evicted "
-        "before each cold one (pylomin's default keeps a model that fits resident: cold ~ warm). vs in memory: time "
-        "per forward (token) over the in-memory warm one. Peak RSS: whole process above the RSS after the imports. "
-        "min cap: smallest cgroup limit (RAM + swap, page cache charged) under which loading and two runs exit 0 "
-        f"within 30 s + 10x the unlimited load, warm-up and cold run, binary search in {runner.CAP_STEP // MIB} MiB "
-        f"steps (at most {args.cap_steps}); ✗: the largest that failed. ({time.perf_counter() - t_case:.0f} s)",
-        flush=True,
-    )
+    print(f"\nwarm: median of {spec['runs_warm']} runs, cold: of {spec['runs_cold']}; the columns: --help", flush=True)
+    print(f"({time.perf_counter() - t_case:.0f} s)", flush=True)
     for r in rows.values():
         r["floor_s"], r["bandwidth"] = floor, bandwidth
     return rows

@@ -213,7 +213,7 @@ def h2d_size(device: torch.device, size: int, count: int, repeats: int, tmp: Pat
         def staged() -> None:
             for i, name in enumerate(names):
                 stager(i)
-                stager.take(name)
+                stager.pop(name)
 
         where = "" if device.type == "cuda" else " (CPU stand-in)"
         methods[f"Stager from mapped unit files, warm{where}"] = staged

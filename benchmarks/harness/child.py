@@ -56,11 +56,10 @@ class Child:
         yield self.result
         self.save()
 
-    def load(self, *, drop: bool = False, folder: str | None = None) -> Any:
-        """The contender's model (`load_s`: its seconds); `folder` defaults to the spec's."""
+    def load(self, *, drop: bool = False) -> Any:
+        """The contender's model (`load_s`: its seconds), from the spec's `folder` where it names one."""
         t0 = time.perf_counter()
-        folder = folder or self.spec.get("folder")
-        model, note = contenders.load(self.spec["contender"], self.spec, self.offload, drop=drop, folder=folder)
+        model, note = contenders.load(self.spec["contender"], self.spec, self.offload, drop=drop)
         self.result["load_s"] = time.perf_counter() - t0
         if self.contender.how == "accelerate":
             self.result["api"] = note
@@ -69,9 +68,9 @@ class Child:
             self.notes.append(note)
         return model
 
-    def files(self, folder: str | None = None) -> list[Path]:
+    def files(self) -> list[Path]:
         """The files the contender reads its weights from: what a cold run evicts."""
-        return contenders.files(self.spec["contender"], self.spec, self.offload, folder or self.spec.get("folder"))
+        return contenders.files(self.spec["contender"], self.spec, self.offload)
 
     def save_tensor(self, tensor: Any) -> None:
         """Beside the result, as `<out>.pt`: outputs the parent compares with `torch.equal`."""

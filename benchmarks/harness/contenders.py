@@ -19,7 +19,7 @@ class Contender:
     share: float | None = None  # pylomin: memory_budget = this share of the folder's bytes
     phase_drop: bool = False  # pylomin: drop_page_cache set by the phase (False warm, True cold)
     quantize: str | None = None  # in memory: pylomin.quantize_ after loading
-    per_expert: bool = True  # pylomin: False pages a layer's fused experts in whole (an internal switch)
+    per_expert: bool = True  # pylomin: False reads a layer's fused experts whole with it (an internal option)
 
 
 _STREAM = dict(memory_budget=0, prefetch=2)
@@ -44,11 +44,11 @@ CONTENDERS = {
 }
 
 
-def load(name: str, spec: dict[str, Any], offload: Path, *, drop: bool = False, folder: str | None = None) -> Any:
+def load(name: str, spec: dict[str, Any], offload: Path, *, drop: bool = False) -> Any:
     """Contender `name`'s model of the spec's class, and a note on how it loaded ("" if there is nothing to say).
 
-    `folder` overrides the converted folder a pylomin contender reads; `drop` is drop_page_cache for
-    the contenders that take it from the phase.
+    The spec's `folder` overrides the converted folder a pylomin contender reads; `drop` is
+    drop_page_cache for the contenders that take it from the phase.
     """
     import torch
     import transformers
@@ -65,21 +65,22 @@ def load(name: str, spec: dict[str, Any], offload: Path, *, drop: bool = False, 
         return model, ""
     if c.how == "accelerate":
         return load_accelerate(cls, src, offload, spec.get("accelerate_api", "auto"))
-    path = spec["folders"][folder or c.folder]
+    path = spec["folders"][spec.get("folder") or c.folder]
     options = dict(c.options)
     if c.share is not None:
         options["memory_budget"] = int(models.nbytes(path) * c.share)
     if c.phase_drop:
         options["drop_page_cache"] = drop
-    note = "" if c.per_expert else internals.per_expert_paging(False) or ""
-    return pylomin.load_streaming(path, cls, **options), note
+    if not c.per_expert:
+        return internals.load_experts_whole(path, cls, **options), ""
+    return pylomin.load_streaming(path, cls, **options), ""
 
 
-def files(name: str, spec: dict[str, Any], offload: Path, folder: str | None = None) -> list[Path]:
+def files(name: str, spec: dict[str, Any], offload: Path) -> list[Path]:
     """The files contender `name` reads its weights from: what a cold run evicts first."""
     c = CONTENDERS[name]
     if c.how == "pylomin":
-        return models.unit_files(spec["folders"][folder or c.folder])
+        return models.unit_files(spec["folders"][spec.get("folder") or c.folder])
     offloaded = sorted(p for p in offload.rglob("*") if p.is_file())
     return sorted(Path(spec["src"]).glob("*.safetensors")) + offloaded
 

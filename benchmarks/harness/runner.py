@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import queue
 import shutil
 import subprocess
-import threading
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from benchmarks.harness import cgroup
 from benchmarks.harness.measure import drop_page_cache
@@ -102,15 +100,12 @@ def smallest_cap(
 class Driven:
     """A child in a cgroup of its own whose limit this process moves, told what to do in lines on its stdin.
 
-    Its JSON lines on stdout are its events; `until` collects them up to a named one, within the
-    child's deadline.
+    Its result's `events` are what it reports; `until` waits for them up to a named one, within its deadline.
     """
 
     def __init__(self, spec: dict[str, Any], name: str, limit: int, timeout: float, work: Path):
-        self.name = name
-        self.group = cgroup.Group(name)
-        self.events: list[dict[str, Any]] = []
-        self.failure: str | None = None
+        self.name, self.group = name, cgroup.Group(name)
+        self.seen, self.last, self.failure = 0, None, None  # events taken, the one `until` waited for, why it ended
         self.deadline = time.monotonic() + timeout
         self.stderr_path = work / f"{name}.stderr"
         try:
@@ -118,44 +113,34 @@ class Driven:
             if "error" in first:
                 raise RuntimeError(f"cannot set the {name} child's limit: {first['error']}")
             drop_page_cache()
-            _, _, cmd = _child(spec, work, name)
+            _, self.out, cmd = _child(spec, work, name)
             with open(self.stderr_path, "w") as stderr:  # the child holds its own copy of the descriptor
-                self.proc = self.group.popen(
-                    cmd, env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1
-                )
+                self.proc = self.group.popen(cmd, env=ENV, stdin=subprocess.PIPE, stderr=stderr, text=True, bufsize=1)
         except BaseException:
             self.group.remove()
             raise
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True).start()
-
-    def _read(self, stream: IO[str]) -> None:
-        for line in stream:
-            self._lines.put(line)
-        self._lines.put(None)
 
     def until(self, event: str, show: Any = None) -> list[dict[str, Any]] | None:
-        """The events before the next `event` (each passed to `show`); None (`failure` set) if the child ended or
-        ran out of time first."""
-        got = []
-        while True:
-            try:
-                line = self._lines.get(timeout=max(self.deadline - time.monotonic(), 0.01))
-            except queue.Empty:
-                self.failure = "timeout"
-                return None
-            if line is None:
+        """The events before the next `event` (each passed to `show`; `event` itself kept as `last`); None, with
+        `failure` set, if the child ended or ran out of time first."""
+        got: list[dict[str, Any]] = []
+        while time.monotonic() < self.deadline:
+            ended = self.proc.poll() is not None  # before reading: what it wrote before it ended is read
+            events = json.loads(self.out.read_text()).get("events", []) if self.out.is_file() else []
+            for e in events[self.seen :]:
+                self.seen += 1
+                if e["event"] == event:
+                    self.last = e
+                    return got
+                got.append(e)
+                if show is not None:
+                    show(e)
+            if ended:
                 self.failure = "ended"
                 return None
-            if not line.startswith("{"):
-                continue  # something else printed to stdout
-            e = json.loads(line)
-            self.events.append(e)
-            if e["event"] == event:
-                return got
-            got.append(e)
-            if show is not None:
-                show(e)
+            time.sleep(0.05)
+        self.failure = "timeout"
+        return None
 
     def send(self, line: str) -> bool:
         assert self.proc.stdin is not None
