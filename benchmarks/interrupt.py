@@ -21,6 +21,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+
+import pylomin
 from benchmarks.harness import internals, models, report, runner
 from benchmarks.harness.child import Child
 from benchmarks.harness.measure import TokenClock, cached_bytes, evict, read_bytes
@@ -33,10 +36,6 @@ CASES = ("fresh", "after generate", "after ctrl-c")
 
 def measure(child: Child) -> None:
     """The case's first generate() (none, whole, or interrupted), then the measured one on evicted files."""
-    import torch
-
-    import pylomin
-
     r, case = child.result, child.spec["case"]
     prompt = torch.randint(0, child.vocab, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
     kw = dict(attention_mask=torch.ones_like(prompt), do_sample=False, pad_token_id=0, max_new_tokens=NEW_TOKENS)
@@ -74,8 +73,6 @@ def measure(child: Child) -> None:
 
 def prepare() -> Path:
     """The converted folder for the pylomin this process imports, built and converted on first use."""
-    import pylomin
-
     src = models.ensure_built(WORK / "src", "MixtralForCausalLM", models.MIXTRAL_4)
     tree = str(Path(pylomin.__file__).resolve().parent)
     folder = WORK / f"converted-{hashlib.sha1(tree.encode()).hexdigest()[:10]}"

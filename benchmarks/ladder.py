@@ -127,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
                 for note in r.get("notes", []):
                     print(f"  {key} at {at}: {note}", flush=True)
                 shown = f"{pct:3d} %" if pct is not None else "ref" if label == "reference" else "abs"
-                decode = "" if bert else f"decode {report.cell(r, 'decode_tps', '.2f')} tok/s, "
+                decode = "" if bert else f"decode {report.num(r.get('decode_tps'), '.2f')} tok/s, "
                 print(
-                    f"  {limit / MIB:6.0f} MiB ({shown}) {key:10s} forward {report.cell(r, 'forward_s', '.3f')} s, "
+                    f"  {limit / MIB:6.0f} MiB ({shown}) {key:10s} forward {report.num(r.get('forward_s'), '.3f')} s, "
                     f"{decode}charged {r['max_usage'] / MIB:.0f} MiB: {report.status(r)} ({r['seconds']:.0f} s)",
                     flush=True,
                 )
@@ -137,12 +137,12 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"    {r['resident_bytes'] / MIB:.0f} MiB resident; {r['memory_note']}", flush=True)
     rows.sort(key=lambda r: (r["limit"], contenders.index(r["contender"])))
     header = ["limit MiB", "% of model", "contender", "forward s", *([] if bert else ["decode tok/s"]), "charged MiB"]
-    lines = [
-        [f"{r['limit'] / MIB:.0f}", "ref" if r.get("reference") else "abs" if r["pct"] is None else r["pct"]]
-        + [r["contender"], report.cell(r, "forward_s", ".3f"), *([] if bert else [report.cell(r, "decode_tps", ".2f")])]
-        + [f"{r['max_usage'] / MIB:.0f}" if "max_usage" in r else "-", report.status(r)]
-        for r in rows
-    ]
+    lines = []
+    for r in rows:
+        pct = "ref" if r.get("reference") else "abs" if r["pct"] is None else r["pct"]
+        speeds = [report.num(r.get("forward_s"), ".3f")] + ([] if bert else [report.num(r.get("decode_tps"), ".2f")])
+        charged = f"{r['max_usage'] / MIB:.0f}" if "max_usage" in r else "-"
+        lines.append([f"{r['limit'] / MIB:.0f}", pct, r["contender"], *speeds, charged, report.status(r)])
     print("\n" + report.table([*header, "status"], "rrlrr" + "r" * (not bert) + "l", lines))
     unit, rate = ("forward", "forwards/s") if bert else ("token", "tok/s")
     floor_lines = []

@@ -23,6 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+import pylomin
 from benchmarks.harness import cgroup, internals, models, report, runner
 from benchmarks.harness.child import Child
 from benchmarks.harness.measure import TokenClock, cold_read_bandwidth, evict
@@ -45,10 +48,6 @@ EXPERT_TENSORS = ("experts.gate_up_proj", "experts.down_proj")
 
 def measure(child: Child) -> None:
     """Load, evict, generate cold; unless `capped`, generate again warm (profiled for pylomin)."""
-    import torch
-
-    import pylomin
-
     r = child.result
     prompt = torch.randint(0, child.vocab, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
     kw = dict(attention_mask=torch.ones_like(prompt), do_sample=False, pad_token_id=0)
@@ -94,11 +93,9 @@ def table(rows: dict[str, dict[str, Any]], used: int) -> str:
     ref = rows.get("memory", {}).get("tokens")
     lines = []
     for key, r in rows.items():
-        cells = ["-"] * 5
-        if "cold" in r:
-            cold, warm = r["cold"], r["warm"]
-            cells = [f"{cold['prefill_s']:.2f}", f"{cold['decode_tps']:.2f}", f"{warm['decode_tps']:.2f}"]
-            cells += [f"{cold['read_per_token'] / MIB:.1f}", f"{cold['read_per_token'] / used:.2f}"]
+        cold, warm = r["cold"], r["warm"]
+        cells = [f"{cold['prefill_s']:.2f}", f"{cold['decode_tps']:.2f}", f"{warm['decode_tps']:.2f}"]
+        cells += [f"{cold['read_per_token'] / MIB:.1f}", f"{cold['read_per_token'] / used:.2f}"]
         cap = r.get("capped") or {}
         capped = f"{cap['reason']} ({cap['seconds']:.0f} s)" if cap and not cap["ok"] else "-"
         capped = f"{cap['cold']['decode_tps']:.2f}" if cap.get("ok") else capped
@@ -143,12 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = cold_read_bandwidth(models.unit_files(folder))
     limit = total // 2 + CAP_BASE
     cap_note = "--no-caps" if args.no_caps else cgroup.unavailable()
-    print(f"\n### {model.name}: {total / MIB:.0f} MiB fp32, generate() {NEW_TOKENS} from {PROMPT_TOKENS}, batch 1\n")
     print(
-        f"{os.cpu_count()} CPUs; cold sequential read of the unit files {bandwidth / MIB:.0f} MiB/s\n"
-        f"a decode token uses {used / MIB:.1f} MiB (top-{top_k} of {experts} experts; I/O floor "
-        f"{bandwidth / used:.2f} tok/s cold); with every expert (dense) {dense / MIB:.1f} MiB "
-        f"({bandwidth / dense:.2f} tok/s)\n",
+        f"\n### {model.name}: {total / MIB:.0f} MiB fp32, generate() {NEW_TOKENS} from {PROMPT_TOKENS}, batch 1\n\n"
+        f"{os.cpu_count()} CPUs; cold sequential read of the unit files {bandwidth / MIB:.0f} MiB/s\na decode token "
+        f"uses {used / MIB:.1f} MiB (top-{top_k} of {experts} experts; I/O floor {bandwidth / used:.2f} tok/s cold); "
+        f"with every expert (dense) {dense / MIB:.1f} MiB ({bandwidth / dense:.2f} tok/s)\n",
         flush=True,
     )
     rows: dict[str, dict[str, Any]] = {}
@@ -158,11 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             r = rows[key] = runner.spawn({**spec, "contender": CONTENDERS[key]}, Path(tmp), name=key)
             for note in r["notes"]:
                 print(f"  {key}: {note}", flush=True)
-            print(
-                f"  {key}: cold {r['cold']['decode_tps']:.2f} tok/s, warm {r['warm']['decode_tps']:.2f} tok/s "
-                f"({r['wall_s']:.0f} s)" + (f"; warm: {r['verdict']}" if "verdict" in r else ""),
-                flush=True,
-            )
+            tps = f"cold {r['cold']['decode_tps']:.2f} tok/s, warm {r['warm']['decode_tps']:.2f} tok/s"
+            print(f"  {key}: {tps} ({r['wall_s']:.0f} s)" + (f"; warm: {r['verdict']}" if "verdict" in r else ""))
         capped = [k for k in CAPPED if k in contenders]
         if capped and cap_note is not None:
             print(f"  capped runs: skipped ({cap_note})", flush=True)

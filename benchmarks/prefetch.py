@@ -23,6 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+import pylomin
 from benchmarks.harness import internals, models, report, runner
 from benchmarks.harness.child import Child
 from benchmarks.harness.measure import cold_read_bandwidth, evict
@@ -38,10 +41,6 @@ BUDGETS = (0, 25, 50, 100)  # % of the parameters: the harness's contenders kept
 def forwards(child: Child) -> None:
     """Part A: median latency and max peak RSS (above the RSS before each) of the timed forwards, after a
     warm-up; in memory, or streamed warm then cold (a fresh model each)."""
-    import torch
-
-    import pylomin
-
     spec, r = child.spec, child.result
     torch.manual_seed(0)
     x = torch.randint(0, child.vocab, (spec["batch"], SEQ))
@@ -77,8 +76,6 @@ def forwards(child: Child) -> None:
 def generate(child: Child) -> None:
     """Part B: tokens/s of the timed generate() calls after a 2-token warm-up, the peak RSS above the RSS
     before the model was loaded (resident weights count), the tokens."""
-    import torch
-
     r = child.result
     torch.manual_seed(0)
     prompt = torch.randint(0, child.vocab, (1, PROMPT_TOKENS))
@@ -102,9 +99,10 @@ def generate(child: Child) -> None:
 def part_a(model: models.Model, runs: int, work: Path) -> None:
     spec = {**model.spec("block"), "measure": "benchmarks.prefetch:forwards", "runs": runs}
     folder = spec["folders"]["block"]
-    m = internals.manifest(folder)
-    streamed = sorted((u.nbytes for u in m.units if not u.name.endswith("word_embeddings")), reverse=True)
-    bound0, bound2 = 2 * streamed[0], min(PREFETCH_BYTES, sum(streamed[:2])) + streamed[0]
+    units = internals.manifest(folder).units
+    streamed = sorted((u.nbytes for u in units if not u.name.endswith("word_embeddings")), reverse=True)
+    window = min(PREFETCH_BYTES, sum(streamed[:2]))  # (row, contender, bound: the parameters that may be in flight)
+    variants = [("prefetch=0", "prefetch0", 2 * streamed[0]), ("prefetch=2 (default)", "stream", window + streamed[0])]
     needed, bandwidth = models.forward_bytes(folder), cold_read_bandwidth(models.unit_files(folder))
     floor = needed / bandwidth
     print(f"\n## Part A: {model.name}, input batch x {SEQ} tokens, {os.cpu_count()} CPUs, median of {runs} forwards\n")
@@ -116,10 +114,7 @@ def part_a(model: models.Model, runs: int, work: Path) -> None:
         mem = runner.spawn({**spec, "contender": "memory", "batch": batch}, work)["memory"]
         compute = mem["latency"]
         print(f"| {batch} | in memory | - | {compute:.3f} | 1.00 | - | {mem['peak'] / MIB:.0f} | - | - |", flush=True)
-        for label, contender, bound in (
-            ("prefetch=0", "prefetch0", bound0),
-            ("prefetch=2 (default)", "stream", bound2),
-        ):
+        for label, contender, bound in variants:
             res = runner.spawn({**spec, "contender": contender, "batch": batch}, work)
             for cache, limit, ref in (("warm", 1.10, compute), ("cold", 1.15, max(compute, floor))):
                 r, most = res[cache], bound + mem["peak"]  # parameters in flight + the activations in memory needs

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from benchmarks.harness import cgroup, models, report, runner
 from benchmarks.harness.child import Child
 from benchmarks.harness.measure import TokenClock, evict, read_bytes
@@ -37,8 +39,6 @@ WARM += [("pylomin", scheme, "default") for scheme in SCHEMES]  # (how, scheme, 
 
 def measure(child: Child) -> None:
     """Load, a forward (logits, bytes read since the load began); warm: the agreement run; then the decode run."""
-    import torch
-
     r = child.result
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, child.vocab, (1, SEQ), generator=g)
@@ -72,8 +72,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="the ladder's small Llama (smoke test)")
     p.add_argument("--no-limit", action="store_true", help="skip the runs under a cgroup limit")
     args = p.parse_args(argv)
-    import torch
-
     t_start = time.perf_counter()
     model = models.LLAMA_SMALL if args.quick else models.LLAMA
     spec = {**model.spec("block", *SCHEMES[1:]), "measure": "benchmarks.quant:measure"}
@@ -98,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
             r = runner.spawn(child, work, name=f"pylomin-{scheme}-cold")
             r.update(how="pylomin", scheme=scheme, mode="cold", seconds=r["wall_s"])
             rows.append(r)
+            read = f"forward read {r['forward_read'] / MIB:.0f} MiB"
             print(
-                f"  cold pylomin  {scheme}: forward read {r['forward_read'] / MIB:.0f} MiB, "
-                f"decode {r['decode_tps']:.2f} tok/s ({r['seconds']:.0f} s)",
+                f"  cold pylomin  {scheme}: {read}, decode {r['decode_tps']:.2f} tok/s ({r['seconds']:.0f} s)",
                 flush=True,
             )
         why = "--no-limit" if args.no_limit else cgroup.unavailable()
@@ -114,10 +112,9 @@ def main(argv: list[str] | None = None) -> int:
                 r = runner.spawn_capped(child, work, limit, 600.0, name=f"limit-{scheme}")
                 r.update(scheme=scheme, limit=limit, allowance=extra)
                 limited.append(r)
+                decode, charged = report.num(r.get("decode_tps"), ".2f"), f"{r['max_usage'] / MIB:.0f} MiB"
                 print(
-                    f"  limit {limit / MIB:.0f} MiB {scheme}: decode {report.cell(r, 'decode_tps', '.2f')} tok/s, "
-                    f"charged {r['max_usage'] / MIB:.0f} MiB: {report.status(r)}",
-                    flush=True,
+                    f"  limit {limit / MIB:.0f} MiB {scheme}: decode {decode} tok/s, charged {charged}: {report.status(r)}"
                 )
         elif not args.no_limit:
             print(f"  no runs under a limit: {why}")
@@ -145,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     if limited:
         base = limited[0]  # fp32
         lines = [
-            [r["scheme"], report.cell(r, "decode_tps", ".2f")]
+            [r["scheme"], report.num(r.get("decode_tps"), ".2f")]
             + [f"{r['decode_tps'] / base['decode_tps']:.2f}x" if "decode_tps" in r and "decode_tps" in base else "-"]
             + [f"{r['max_usage'] / MIB:.0f}", report.status(r)]
             for r in limited

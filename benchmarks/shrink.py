@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from benchmarks.harness import cgroup, internals, models, report, runner
 from benchmarks.harness.child import Child
 from benchmarks.harness.paths import MIB, OUT
@@ -43,13 +45,18 @@ def measure(child: Child) -> int:
     Each event (`loaded`, each `forward`, `phase done`) goes into the result's `events`, saved at once. Exit 3
     when a forward's logits differ from the first's, 4 when stdin closes without `quit`.
     """
-    import torch
-
     child.result["events"] = events = []
 
     def emit(**fields: Any) -> None:
         events.append(fields)
         child.save()  # what the parent waits for
+        if fields["event"] == "forward":  # (this process's stdout is the parent's)
+            e, same = fields, "" if fields["same"] else ", LOGITS DIFFER"
+            print(
+                f"  {child.spec['name']} {e['phase']:4s} forward {e['k'] + 1}: {e['seconds']:.3f} s, resident "
+                f"{e['resident'] / MIB:.0f} MiB, charged {e['usage'] / MIB:.0f} MiB{same}",
+                flush=True,
+            )
 
     x = torch.randint(0, child.vocab, (1, SEQ), generator=torch.Generator().manual_seed(0))
     model = child.load()
@@ -93,16 +100,7 @@ def short(note: str) -> str:
 
 def session(spec: dict[str, Any], name: str, plan: list[tuple[str, int]], limits: dict, pct: dict, work: Path) -> dict:
     """One child in a cgroup of its own through `plan` [(phase, forwards)], its limit moved to each phase's."""
-
-    def show(e: dict[str, Any]) -> None:
-        same = "" if e["same"] else ", LOGITS DIFFER"
-        print(
-            f"  {name} {e['phase']:4s} forward {e['k'] + 1}: {e['seconds']:.3f} s, resident {e['resident'] / MIB:.0f} "
-            f"MiB, charged {e['usage'] / MIB:.0f} MiB{same}",
-            flush=True,
-        )
-
-    run = runner.Driven(spec, name, limits[plan[0][0]], spec["timeout"], work)
+    run = runner.Driven({**spec, "name": name}, name, limits[plan[0][0]], spec["timeout"], work)
     phases: list[dict[str, Any]] = []
     changes: list[dict[str, Any]] = []
     try:
@@ -112,15 +110,15 @@ def session(spec: dict[str, Any], name: str, plan: list[tuple[str, int]], limits
         for i, (phase, n) in enumerate(plan if load is not None else []):
             if i > 0:
                 changes.append(c := {"to": phase, **run.group.set_limit(limits[phase])})
+                how = f", EBUSY x{c['ebusy']}" if c["ebusy"] else ""
+                how += f", FAILED: {c['error']}" if "error" in c else ""
                 print(
                     f"  limit -> {limits[phase] / MIB:.0f} MiB ({pct[phase]} %) in {c['seconds']:.2f} s, charged "
-                    f"{c['usage_before'] / MIB:.0f} -> {c['usage_after'] / MIB:.0f} MiB"
-                    + (f", EBUSY x{c['ebusy']}" if c["ebusy"] else "")
-                    + (f", FAILED: {c['error']}" if "error" in c else ""),
+                    f"{c['usage_before'] / MIB:.0f} -> {c['usage_after'] / MIB:.0f} MiB{how}",
                     flush=True,
                 )
             run.group.reset_peak()
-            forwards = run.until("phase done", show) if run.send(f"run {phase} {n}") else None
+            forwards = run.until("phase done") if run.send(f"run {phase} {n}") else None
             phases.append({"name": phase, "forwards": forwards or [], "complete": forwards is not None})
             phases[-1].update(run.group.counters())
             if forwards is None:
@@ -175,10 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     ratio_low = after_low / fresh_steady if after_low and fresh_steady else None
     ratio_back = after_back / before if after_back and before else None
     # The first forward after lowering from which every one is within TARGET of the fresh child's steady state.
-    low_times = times("low", 0)
-    settled = next(
-        (k + 1 for k in range(len(low_times)) if fresh_steady and max(low_times[k:]) <= TARGET * fresh_steady), None
-    )
+    low_times, target = times("low", 0), TARGET * (fresh_steady or 0)
+    settled = next((k + 1 for k in range(len(low_times)) if fresh_steady and max(low_times[k:]) <= target), None)
     errors = [f"{label}: {end['reason']}" for label, end in ends.items() if end["reason"] != "ok"]
     errors += [f"limit -> {c['to']}: {c['error']}" for c in shrink["changes"] if "error" in c]
     oom = sum(end["oom_kills"] for end in ends.values())
@@ -209,14 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     summary = dict(before_s=before, after_low_s=after_low, fresh_low_s=fresh_steady, after_back_s=after_back)
-    summary.update(
-        low_vs_fresh=ratio_low, low_target=TARGET, low_settled_from_forward=settled, back_vs_before=ratio_back
-    )
-    summary.update(oom_kills=oom, errors=errors)
-    dump = {"model": model.name, "config": model.config, "model_bytes": model_bytes, "allowance": extra}
-    dump.update(
-        allowance_run=extra_run, cpus=os.cpu_count(), command=" ".join(["python -m benchmarks.shrink", *sys.argv[1:]])
-    )
+    summary.update(low_vs_fresh=ratio_low, low_target=TARGET, low_settled_from_forward=settled, errors=errors)
+    summary.update(back_vs_before=ratio_back, oom_kills=oom)
+    dump = dict(model=model.name, config=model.config, model_bytes=model_bytes, allowance=extra, cpus=os.cpu_count())
+    dump.update(allowance_run=extra_run, command=" ".join(["python -m benchmarks.shrink", *sys.argv[1:]]))
     dump.update(limits=limits, percent=pct, load=shrink["load"], limit_changes=shrink["changes"])
     dump.update(phases=shrink["phases"], shrink_end=ends["shrink"], fresh_load=fresh["load"])
     dump.update(fresh=by.get("fresh"), fresh_end=ends["fresh"], summary=summary)

@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+import pylomin
 from benchmarks.harness import cgroup, internals, models, report, runner
 from benchmarks.harness.child import Child
 from benchmarks.harness.measure import cold_read_bandwidth, evict, peak_above
@@ -49,10 +52,6 @@ QUANTIZED = ("int8", "int4")  # outputs close to, not equal to, the fp32 model's
 def measure(child: Child) -> None:
     """Warm: load, a warm-up, the timed runs; cold: a fresh pylomin model, the files evicted before each run.
     With `trial` (the cap search): load as for a cold run and run twice."""
-    import torch
-
-    import pylomin
-
     spec, r = child.spec, child.result
     gen = spec["kind"] == "gpt2"
     torch.manual_seed(0)
@@ -126,17 +125,14 @@ def per_unit(r: dict[str, Any], phase: str) -> float:
 
 
 def speed(r: dict[str, Any], phase: str, gen: bool, unit: str = "") -> str:
-    t = per_unit(r, phase)
+    t, n = per_unit(r, phase), r["tokens"][phase]
     if t != t:
         return "skipped"
-    n = r["tokens"][phase]
     return f"{1 / t:.2f}{unit}" + (f" ({n} tokens)" if n != NEW_TOKENS else "") if gen else f"{t:.3f} s"
 
 
 def table(rows: dict[str, dict[str, Any]], gen: bool, floor: float, work: Path) -> str:
     """The markdown table of one case; "same output" compares with the in-memory model's (tokens, or torch.equal)."""
-    import torch
-
     ref = per_unit(rows["memory"], "warm") if "memory" in rows else float("nan")
     lines = []
     for key, r in rows.items():
@@ -147,8 +143,7 @@ def table(rows: dict[str, dict[str, Any]], gen: bool, floor: float, work: Path) 
             same = "yes" if r["output"][:n] == rows["memory"]["output"][:n] else "NO"
         else:
             same = "yes" if torch.equal(torch.load(work / f"{key}.pt"), torch.load(work / "memory.pt")) else "NO"
-        peak = max(r["peaks"].values(), key=lambda p: p["total"])
-        warm, cold = per_unit(r, "warm"), per_unit(r, "cold")
+        peak, warm, cold = r["peak"], per_unit(r, "warm"), per_unit(r, "cold")
         vs_cold, vs_floor = (f"{cold / ref:.2f}x", f"{cold / max(ref, floor):.2f}x") if cold == cold else ("-", "-")
         mib = f"{peak['total'] / MIB:.0f} ({peak['anon'] / MIB:.0f} + {peak['file'] / MIB:.0f})"
         lines.append([LABELS[key], speed(r, "warm", gen), speed(r, "cold", gen), f"{warm / ref:.2f}x / {vs_cold}"])
@@ -174,27 +169,23 @@ def run_case(title: str, spec: dict[str, Any], args: argparse.Namespace, work: P
     rows: dict[str, dict[str, Any]] = {}
     for key in args.contenders:
         r = rows[key] = runner.spawn({**spec, "contender": key}, work)
+        r["peak"] = max(r["peaks"].values(), key=lambda p: p["total"])  # warm or cold, whichever is higher
         for note in r["notes"] + ([f"chose: {r['memory_note']}"] if r["memory_note"] else []):
             print(f"  {LABELS[key]}: {note}", flush=True)
-        peak = max(p["total"] for p in r["peaks"].values()) / MIB
-        print(
-            f"  {LABELS[key]}: warm {speed(r, 'warm', gen, ' tokens/s')}, cold {speed(r, 'cold', gen, ' tokens/s')}, "
-            f"peak {peak:.0f} MiB ({r['wall_s']:.0f} s)",
-            flush=True,
-        )
+        speeds = f"warm {speed(r, 'warm', gen, ' tokens/s')}, cold {speed(r, 'cold', gen, ' tokens/s')}"
+        print(f"  {LABELS[key]}: {speeds}, peak {r['peak']['total'] / MIB:.0f} MiB ({r['wall_s']:.0f} s)", flush=True)
     for key, r in rows.items() if spec["caps"] and caps is None else ():
         print(f"  min cap, {LABELS[key]}:", flush=True)
         # Below the memory the imports alone take, nothing runs; the unlimited peak plus a margin should pass.
         lo = max(CAP_FLOOR, r["base_anon"] // runner.CAP_STEP * runner.CAP_STEP)
-        peak = max(p["total"] for p in r["peaks"].values())
-        hi = -(-(r["base_total"] + peak + CAP_MARGIN) // runner.CAP_STEP) * runner.CAP_STEP
+        hi = -(-(r["base_total"] + r["peak"]["total"] + CAP_MARGIN) // runner.CAP_STEP) * runner.CAP_STEP
         trial = {**spec, "contender": key, "trial": True}
         r["cap"] = runner.smallest_cap(trial, work, lo, hi, 30 + 10 * r["trial_s"], args.cap_steps)
     if spec["caps"] and caps is not None:
         print(f"  min cap: skipped ({caps})", flush=True)
     print("\n" + table(rows, gen, floor, work))
-    print(f"\nwarm: median of {spec['runs_warm']} runs, cold: of {spec['runs_cold']}; the columns: --help", flush=True)
-    print(f"({time.perf_counter() - t_case:.0f} s)", flush=True)
+    took = time.perf_counter() - t_case
+    print(f"\nwarm: median of {spec['runs_warm']} runs, cold: of {spec['runs_cold']}; columns: --help ({took:.0f} s)")
     for r in rows.values():
         r["floor_s"], r["bandwidth"] = floor, bandwidth
     return rows

@@ -1,8 +1,7 @@
-"""What every benchmark child runs: `python -m benchmarks.harness child SPEC_JSON | baseline CLS | build CLS PATH CONFIG`.
+"""`python -m benchmarks.harness child SPEC_JSON | baseline CLS | build CLS PATH CONFIG_JSON`: what benchmark children run.
 
-child: one contender through its case's phases (`benchmarks.harness.child`), the result written to
-the spec's `out` after each; baseline: the imports of every contender and nothing built (the
-allowance of capped runs); build: a random-weight transformers model saved at PATH.
+child: one contender through its case's phases (`benchmarks.harness.child`); baseline: every contender's imports,
+nothing built (the allowance of capped runs); build: a random-weight transformers model saved at PATH.
 """
 
 import time
@@ -15,20 +14,14 @@ from pathlib import Path  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
+    from benchmarks.harness import child, models
+
     if len(argv) == 2 and argv[0] == "child":
-        from benchmarks.harness.child import run
-
-        return run(json.loads(argv[1]), STARTED)
+        return child.run(json.loads(argv[1]), STARTED)
     if len(argv) == 2 and argv[0] == "baseline":
-        from benchmarks.harness.child import baseline
-
-        baseline(argv[1])
-        return 0
+        return child.baseline(argv[1])
     if len(argv) == 4 and argv[0] == "build":
-        from benchmarks.harness.models import build
-
-        build(argv[1], Path(argv[2]), json.loads(argv[3]))
-        return 0
+        return models.build(argv[1], Path(argv[2]), json.loads(argv[3]))
     print(__doc__, file=sys.stderr)
     return 2
 

@@ -63,27 +63,18 @@ def _group(mount: Path, path: str) -> Path:
 def find(root: Path = Path("/")) -> Hierarchy | str:
     """This process's memory cgroup: v1 where a v1 hierarchy holds the memory controller, else v2; or why none.
 
-    `root` prefixes every path read (`proc/self/mountinfo`, `proc/self/cgroup`, the mounts): tests
-    point it at a fake tree.
+    The hierarchies at their usual mounts: v1 `/sys/fs/cgroup/memory`, v2 `/sys/fs/cgroup` (or
+    `/sys/fs/cgroup/unified` on a hybrid host). `root` prefixes every path read: tests point it at a fake tree.
     """
-    v1 = v2 = None
-    for line in _read(root / "proc/self/mountinfo").splitlines():
-        left, _, right = line.partition(" - ")
-        fields, fs = left.split(), right.split()
-        if len(fields) < 5 or len(fs) < 3:
-            continue
-        mount = root / fields[4].replace("\\040", " ").lstrip("/")
-        if fs[0] == "cgroup" and "memory" in fs[2].split(","):
-            v1 = mount
-        elif fs[0] == "cgroup2":
-            v2 = mount
     found: Hierarchy | None = None
     for line in _read(root / "proc/self/cgroup").splitlines():
         _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
-        if v1 is not None and "memory" in controllers.split(","):
+        v1 = root / "sys/fs/cgroup/memory"
+        if "memory" in controllers.split(",") and (_group(v1, path) / "memory.limit_in_bytes").is_file():
             return Hierarchy(1, _group(v1, path))
-        if v2 is not None and controllers == "" and "memory" in _read(_group(v2, path) / "cgroup.controllers").split():
-            found = Hierarchy(2, _group(v2, path))
+        for v2 in (root / "sys/fs/cgroup", root / "sys/fs/cgroup/unified") if controllers == "" else ():
+            if "memory" in _read(_group(v2, path) / "cgroup.controllers").split():
+                found = found or Hierarchy(2, _group(v2, path))
     return found or "no memory controller: none in cgroup v1, none in our cgroup v2 group's cgroup.controllers"
 
 
@@ -141,12 +132,8 @@ class Group:
     def counters(self) -> dict[str, int]:
         """Usage now, the peak since the last reset, the times the limit was hit since then, the OOM kills."""
         failcnt = self.number("memory.failcnt") if self.version == 1 else self.event("max") - self._max0
-        return {
-            "usage": self.number("usage"),
-            "max_usage": self.number("peak"),
-            "failcnt": failcnt,
-            "oom_kills": self.event("oom_kill"),
-        }
+        usage, peak, kills = self.number("usage"), self.number("peak"), self.event("oom_kill")
+        return {"usage": usage, "max_usage": peak, "failcnt": failcnt, "oom_kills": kills}
 
     def reset_peak(self) -> None:
         if self.version == 1:

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from benchmarks.harness import contenders, internals
 from benchmarks.harness.measure import TokenClock
 
@@ -81,10 +83,7 @@ class Child:
 
 def run(spec: dict[str, Any], started: float) -> int:
     """Import what the contender needs (before any baseline), then the case's `measure` (spec "module:function")."""
-    import torch
     import transformers
-
-    import pylomin  # noqa: F401
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -100,23 +99,19 @@ def run(spec: dict[str, Any], started: float) -> int:
     return int(rc or 0)
 
 
-def baseline(cls: str) -> None:
-    """What every contender imports, and nothing built: the allowance of capped runs."""
+def baseline(cls: str) -> int:
+    """What every contender imports (torch and pylomin: this module's imports), nothing built: capped runs' allowance."""
     import accelerate  # noqa: F401
-    import torch  # noqa: F401
     import transformers
-
-    import pylomin  # noqa: F401
 
     transformers.logging.set_verbosity_error()
     getattr(transformers, cls)
+    return 0
 
 
 def load_forward_generate(child: Child) -> None:
     """Load; a 1 x `seq` forward, again if time allows (the steady state); then, for a decoder, a greedy
     generate() of `new_tokens` from a `prompt_tokens` prompt, timed per token: the memory ladder's run."""
-    import torch
-
     spec, r = child.spec, child.result
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, child.vocab, (1, spec["seq"]), generator=g)
@@ -125,15 +120,12 @@ def load_forward_generate(child: Child) -> None:
     r["limit_seen"] = internals.read_memory()[1]
     with child.phase("load"):
         model = child.load()
-        r.update({k: v for k, v in internals.memory_policy(model).items() if k != "passes"})
+        r.update(internals.memory_policy(model))
     times: list[float] = []
     for i in range(2):
         with child.phase("forward" if i == 0 else "forward 2"):
             t0 = time.perf_counter()
-            if encoder:
-                model(x)
-            else:
-                model(x, use_cache=False)
+            model(x, **({} if encoder else {"use_cache": False}))
             times.append(time.perf_counter() - t0)
             r.update(forward_s=times[-1], forwards=len(times), forward_times=times)
         # A second forward only if it and a generate() (~ prefill + the tokens, each at most a forward's time
@@ -145,10 +137,7 @@ def load_forward_generate(child: Child) -> None:
     if encoder:
         return
     with child.phase("generate"):
-        clock = TokenClock()
-        n = spec["new_tokens"]
+        clock, n = TokenClock(), spec["new_tokens"]
         kw = dict(attention_mask=torch.ones_like(prompt), do_sample=False, pad_token_id=0)
         y = model.generate(prompt, streamer=clock, max_new_tokens=n, min_new_tokens=n, **kw)
-        r.update(clock.summary())
-        r["tokens"] = y[0, spec["prompt_tokens"] :].tolist()
-        r.update({k: v for k, v in internals.memory_policy(model).items() if k != "passes"})
+        r.update(clock.summary(), tokens=y[0, spec["prompt_tokens"] :].tolist(), **internals.memory_policy(model))

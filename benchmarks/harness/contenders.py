@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+import pylomin
 from benchmarks.harness import internals, models
 
 
@@ -50,10 +53,7 @@ def load(name: str, spec: dict[str, Any], offload: Path, *, drop: bool = False) 
     The spec's `folder` overrides the converted folder a pylomin contender reads; `drop` is
     drop_page_cache for the contenders that take it from the phase.
     """
-    import torch
     import transformers
-
-    import pylomin
 
     c = CONTENDERS[name]
     cls = getattr(transformers, spec["cls"])
@@ -91,8 +91,6 @@ def load_accelerate(cls: Any, src: Path, offload: Path, api: str) -> tuple[Any, 
     api "auto": transformers' `from_pretrained(device_map={"": "disk"})`, and where transformers
     refuses, `accelerate.disk_offload` on an empty model; "disk_offload": the latter only.
     """
-    import torch
-
     refused = ""
     if api == "auto":
         try:

@@ -47,29 +47,22 @@ class Model:
 
 _BERT = dict(vocab_size=119547, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
 BERT = Model("bert-1.6g", "BertModel", _BERT, "pylomin-block")  # the 1.6 GiB BERT of the original pylomin benchmark
-_BERT_SMALL = dict(
-    vocab_size=30522, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024
-)
-BERT_SMALL = Model("bert-small", "BertModel", _BERT_SMALL, "pylomin-block")
+_BERT_S = dict(vocab_size=30522, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
+BERT_SMALL = Model("bert-small", "BertModel", _BERT_S, "pylomin-block")
 _GPT2 = dict(n_embd=1280, n_layer=36, n_head=20, vocab_size=50257, n_positions=1024)
 GPT2_LARGE = Model("gpt2-large-random", "GPT2LMHeadModel", _GPT2)  # ~3 GB fp32
 GPT2_SMALL = Model("gpt2-small-random", "GPT2LMHeadModel", {**_GPT2, "n_embd": 256, "n_layer": 4, "n_head": 4})
 _LLAMA = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16)
 _LLAMA.update(num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
 LLAMA = Model("llama-1.5g-random", "LlamaForCausalLM", _LLAMA)  # 1426 MiB fp32: the ladder's decoder
-_LLAMA_SMALL = dict(
-    hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4
-)
-LLAMA_SMALL = Model("llama-small-random", "LlamaForCausalLM", {**_LLAMA, **_LLAMA_SMALL, "vocab_size": 8000})
-_MIXTRAL = dict(
-    hidden_size=512, intermediate_size=1792, num_hidden_layers=8, num_local_experts=8, num_experts_per_tok=2
-)
-_MIXTRAL.update(vocab_size=32000, tie_word_embeddings=False, num_attention_heads=8, num_key_value_heads=8)
-_MIXTRAL.update(max_position_embeddings=1024)
+_LLAMA_S = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4, vocab_size=8000)
+LLAMA_SMALL = Model("llama-small-random", "LlamaForCausalLM", {**_LLAMA, **_LLAMA_S, "num_key_value_heads": 4})
+_MIXTRAL = dict(hidden_size=512, intermediate_size=1792, num_hidden_layers=8, num_local_experts=8)
+_MIXTRAL.update(num_experts_per_tok=2, vocab_size=32000, tie_word_embeddings=False, num_attention_heads=8)
+_MIXTRAL.update(num_key_value_heads=8, max_position_embeddings=1024)
 MIXTRAL = Model("mixtral-random", "MixtralForCausalLM", _MIXTRAL)  # ~830 MiB fp32, 8 experts, top-2
-MIXTRAL_SMALL = Model(
-    "mixtral-small-random", "MixtralForCausalLM", {**_MIXTRAL, "num_hidden_layers": 2, "vocab_size": 8000}
-)
+_MIXTRAL_S = {**_MIXTRAL, "num_hidden_layers": 2, "vocab_size": 8000}
+MIXTRAL_SMALL = Model("mixtral-small-random", "MixtralForCausalLM", _MIXTRAL_S)
 MIXTRAL_4 = {**_MIXTRAL, "num_hidden_layers": 4}  # ~500 MiB: the Ctrl-C benchmark's
 
 
@@ -81,7 +74,7 @@ def ensure_built(path: Path, cls: str, config: dict[str, Any]) -> Path:
     return path
 
 
-def build(cls: str, path: Path, config: dict[str, Any]) -> None:
+def build(cls: str, path: Path, config: dict[str, Any]) -> int:
     """Seed 0, `cls(cls.config_class(**config))`, saved with `save_pretrained` (renamed into place when complete)."""
     import torch
     import transformers
@@ -93,6 +86,7 @@ def build(cls: str, path: Path, config: dict[str, Any]) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tmp.rename(path)
+    return 0
 
 
 def convert(src: Path, folder: Path, *, unit: str = "block", quantize: str | None = None, head: bool = False) -> Path:
@@ -102,7 +96,10 @@ def convert(src: Path, folder: Path, *, unit: str = "block", quantize: str | Non
 
         how = f"{unit} units" + (f", {quantize}" if quantize else "") + (", LM head too" if head else "")
         print(f"converting {src} -> {folder} ({how}, first run only)", flush=True)
-        pylomin.convert(src, folder, unit=unit, progress=False, quantize=quantize, quantize_head=head)  # type: ignore[arg-type]
+        scheme = (
+            {"int8": pylomin.Int8WeightOnly, "int4": pylomin.Int4WeightOnly}[quantize](head=head) if quantize else None
+        )
+        pylomin.convert(src, folder, unit=unit, progress=False, quantize=scheme)  # type: ignore[arg-type]
     return folder
 
 

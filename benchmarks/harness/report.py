@@ -24,13 +24,8 @@ def median(xs: Sequence[float]) -> float:
 
 
 def num(value: float | None, spec: str) -> str:
-    """`value` formatted with `spec`; "-" for None or nan."""
+    """`value` formatted with `spec`; "-" for None (a run that did not get that far) or nan."""
     return "-" if value is None or value != value else format(value, spec)
-
-
-def cell(r: dict[str, Any], key: str, spec: str) -> str:
-    """`r[key]` formatted with `spec`; "-" where the run did not get that far."""
-    return format(r[key], spec) if key in r else "-"
 
 
 def smallest_cap(c: dict[str, Any] | None) -> str:

@@ -18,17 +18,13 @@ CAP_STEP = 32 * MIB  # the resolution of the smallest-cap search
 BASELINE_LIMIT = 8 * 2**30  # the allowance child's limit: far above what importing takes
 
 
-def fresh(path: Path) -> Path:
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-    return path
-
-
 def _child(spec: dict[str, Any], work: Path, name: str) -> tuple[dict[str, Any], Path, list[str]]:
     # The child's own spec (its result file, a fresh offload folder) and its command line.
-    out = work / f"{name}.json"
+    out, offload = work / f"{name}.json", work / f"offload-{name}"
     out.unlink(missing_ok=True)
-    spec = {**spec, "out": str(out), "offload": str(fresh(work / f"offload-{name}"))}
+    shutil.rmtree(offload, ignore_errors=True)
+    offload.mkdir(parents=True)
+    spec = {**spec, "out": str(out), "offload": str(offload)}
     return spec, out, harness_cmd("child", json.dumps(spec))
 
 
@@ -120,9 +116,9 @@ class Driven:
             self.group.remove()
             raise
 
-    def until(self, event: str, show: Any = None) -> list[dict[str, Any]] | None:
-        """The events before the next `event` (each passed to `show`; `event` itself kept as `last`); None, with
-        `failure` set, if the child ended or ran out of time first."""
+    def until(self, event: str) -> list[dict[str, Any]] | None:
+        """The events before the next `event` (kept as `last`); None, with `failure` set, if the child ended or ran
+        out of time first."""
         got: list[dict[str, Any]] = []
         while time.monotonic() < self.deadline:
             ended = self.proc.poll() is not None  # before reading: what it wrote before it ended is read
@@ -133,8 +129,6 @@ class Driven:
                     self.last = e
                     return got
                 got.append(e)
-                if show is not None:
-                    show(e)
             if ended:
                 self.failure = "ended"
                 return None
@@ -167,11 +161,7 @@ class Driven:
             self.proc.stdin.close()
         kills = self.group.event("oom_kill")
         self.group.remove()
-        if self.failure == "timeout":
-            reason = "timeout"
-        elif rc == 0 and self.failure is None:
-            reason = "ok"
-        else:
-            reason = "OOM killed" if kills else (codes or {}).get(rc, f"exit {rc}")
+        reason = "OOM killed" if kills else (codes or {}).get(rc, f"exit {rc}")
+        reason = "timeout" if self.failure == "timeout" else "ok" if rc == 0 and self.failure is None else reason
         tail = self.stderr_path.read_text()[-2000:] if reason != "ok" else ""
         return {"reason": reason, "rc": rc, "oom_kills": kills, "stderr_tail": tail}

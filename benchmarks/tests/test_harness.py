@@ -16,56 +16,50 @@ from benchmarks.harness import cgroup, runner
 from benchmarks.harness.child import Child
 from benchmarks.harness.paths import ENV, MIB, harness_cmd
 
-V1_MOUNTS = """31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
-35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
-36 31 0:33 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct
-41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
-"""
-V2_MOUNTS = "30 23 0:27 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n"
+V1 = {"memory.limit_in_bytes": str(2**63 - 4096)}  # a v1 memory group's file
 
 
-def tree(root: Path, mounts: str, cgroups: str, folders: dict[str, str]) -> Path:
-    """A fake /proc/self and /sys/fs/cgroup under `root`: `folders` maps a group folder to its cgroup.controllers."""
+def tree(root: Path, cgroups: str, folders: dict[str, dict[str, str]]) -> Path:
+    """A fake /proc/self/cgroup and /sys/fs/cgroup under `root`: `folders` maps a group folder to its files."""
     (root / "proc/self").mkdir(parents=True)
-    (root / "proc/self/mountinfo").write_text(mounts)
     (root / "proc/self/cgroup").write_text(cgroups)
-    for folder, controllers in folders.items():
+    for folder, files in folders.items():
         (root / folder).mkdir(parents=True, exist_ok=True)
-        (root / folder / "cgroup.controllers").write_text(controllers)
-        (root / folder / "cgroup.subtree_control").write_text("")
+        for name, text in {"cgroup.subtree_control": "", **files}.items():
+            (root / folder / name).write_text(text)
     return root
 
 
 def test_v1_is_found_on_a_hybrid_host(tmp_path: Path) -> None:
     cgroups = "4:memory:/user/bench\n3:cpu,cpuacct:/\n0::/\n"
-    root = tree(tmp_path, V1_MOUNTS, cgroups, {"sys/fs/cgroup/memory/user/bench": "", "sys/fs/cgroup/unified": ""})
+    folders = {"sys/fs/cgroup/memory/user/bench": V1, "sys/fs/cgroup/unified": {"cgroup.controllers": "hugetlb"}}
+    root = tree(tmp_path, cgroups, folders)
     assert cgroup.find(root) == cgroup.Hierarchy(1, root / "sys/fs/cgroup/memory/user/bench")
-    assert cgroup.find(root).files["peak"] == "memory.max_usage_in_bytes"
+    assert cgroup.find(root).files["peak"] == "memory.max_usage_in_bytes"  # type: ignore[union-attr]
 
 
 def test_v2_is_found_where_the_group_has_the_memory_controller(tmp_path: Path) -> None:
-    root = tree(tmp_path, V2_MOUNTS, "0::/user.slice/bench\n", {"sys/fs/cgroup/user.slice/bench": "cpu io memory pids"})
+    controllers = {"cgroup.controllers": "cpu io memory pids"}
+    root = tree(tmp_path, "0::/user.slice/bench\n", {"sys/fs/cgroup/user.slice/bench": controllers})
     found = cgroup.find(root)
     assert found == cgroup.Hierarchy(2, root / "sys/fs/cgroup/user.slice/bench")
     assert isinstance(found, cgroup.Hierarchy) and found.files["limit"] == "memory.max"
 
 
 def test_no_memory_controller_says_why(tmp_path: Path) -> None:
-    # This machine's unified hierarchy: cgroup2 mounted with no memory controller, and no v1 memory mount.
-    root = tree(tmp_path, V2_MOUNTS.replace("/sys/fs/cgroup", "/sys/fs/cgroup/unified"), "0::/\n", {})
-    (root / "sys/fs/cgroup/unified").mkdir(parents=True)
-    (root / "sys/fs/cgroup/unified/cgroup.controllers").write_text("hugetlb")
+    # This machine's unified hierarchy without its v1 memory mount: cgroup2 with no memory controller.
+    root = tree(tmp_path, "0::/\n", {"sys/fs/cgroup/unified": {"cgroup.controllers": "hugetlb"}})
     assert cgroup.find(root).startswith("no memory controller")  # type: ignore[union-attr]
     assert cgroup.unavailable(root).startswith("no memory controller")  # type: ignore[union-attr]
 
 
 def test_a_path_from_outside_the_namespace_falls_back_to_the_mount_root(tmp_path: Path) -> None:
-    root = tree(tmp_path, V2_MOUNTS, "0::/host/path/we/cannot/see\n", {"sys/fs/cgroup": "memory"})
+    root = tree(tmp_path, "0::/host/path/we/cannot/see\n", {"sys/fs/cgroup": {"cgroup.controllers": "memory"}})
     assert cgroup.find(root) == cgroup.Hierarchy(2, root / "sys/fs/cgroup")
 
 
 def test_a_v2_group_writes_the_v2_files(tmp_path: Path) -> None:
-    root = tree(tmp_path, V2_MOUNTS, "0::/bench\n", {"sys/fs/cgroup/bench": "memory"})
+    root = tree(tmp_path, "0::/bench\n", {"sys/fs/cgroup/bench": {"cgroup.controllers": "memory"}})
     found = cgroup.find(root)
     assert isinstance(found, cgroup.Hierarchy)
     group = cgroup.Group("test", found)
@@ -89,7 +83,7 @@ def test_a_v2_group_writes_the_v2_files(tmp_path: Path) -> None:
 
 
 def test_a_v1_group_keeps_memsw_at_or_above_the_limit(tmp_path: Path) -> None:
-    root = tree(tmp_path, V1_MOUNTS, "4:memory:/\n", {"sys/fs/cgroup/memory": ""})
+    root = tree(tmp_path, "4:memory:/\n", {"sys/fs/cgroup/memory": V1})
     found = cgroup.find(root)
     assert isinstance(found, cgroup.Hierarchy)
     group = cgroup.Group("test", found)
