@@ -5,7 +5,7 @@ fixed 16-token prompt. Each contender in a fresh process: its files evicted afte
 generate() (cold), then another (warm; pylomin's profiled). Per token, a streamer records the time and
 /proc/self/io read_bytes: prefill, decode tok/s after the first token, bytes read per decode token
 against the bytes a token uses (the manifest: all but the experts and the embedding table, one
-embedding row, top-k / experts of the experts). Tokens must equal the in-memory model's. Then six
+embedding row, top-k / experts of the experts): read/used. Tokens must equal the in-memory model's. Then six
 contenders under a cgroup limit of half the model + 300 MiB (page cache dropped), one cold
 generate(). Writes bench-out/bench_moe.json. `--quick`: 2 layers.
 

@@ -3,8 +3,11 @@
 Part A, the 1.6 GiB BERT at batch 1 x 128 and 8 x 128: the in-memory compute time, then the model
 streamed (`memory_budget=0`) with `prefetch=0` and with the default prefetch, warm (page cache kept)
 and cold (every unit file evicted before each timed forward, `drop_page_cache=True`); median of the
-timed forwards after a warm-up, and the peak RSS per forward against its bound. A cold forward cannot
-beat max(compute, the bytes it needs / the disk's bandwidth), measured in the same run.
+timed forwards after a warm-up; ratio: warm over compute, cold over max(compute, the I/O floor: the
+bytes a forward reads at the disk's cold read bandwidth, measured in the same run); the peak RSS per
+forward (above the RSS before it) within its bound: the parameters in flight (prefetch=0: the 2
+largest streamed units; prefetch=2: min(prefetch_bytes, the 2 largest) + the largest) + the in-memory
+row's peak per forward (activations).
 Part B, a GPT-2-large-sized decoder: greedy generate() of 32 tokens, in memory and streamed with
 `memory_budget` = 0, 25 %, 50 %, 100 % of the parameters (page cache kept).
 Each contender in a fresh process. `--quick`: small models (under a minute).

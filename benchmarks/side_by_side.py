@@ -3,11 +3,13 @@
 The 1.6 GiB BERT (one forward, batch 1 x 128 and 8 x 128) and a GPT-2-large-sized decoder (greedy
 generate() of 32 tokens from 32). Per contender, in a fresh process on the same input: median time
 warm and cold (its files evicted before each timed run; pylomin's explicit modes drop_page_cache
-False warm, True cold; its default takes no options), peak RSS above the RSS after the imports,
-whether the output equals the in-memory model's, and for BERT batch 1 the smallest cgroup memory
-limit under which it still loads and runs. The cold read bandwidth of the disk gives the I/O floor.
-Prints a table per case, writes bench-out/bench.png and bench-out/bench.json (results:
-docs/benchmarks.md). `--quick`: small models, 2 runs.
+False warm, True cold; its default takes no options), over the in-memory warm time and, cold, over
+max(that, the I/O floor: the bytes a run reads at the disk's cold read bandwidth); peak RSS of the
+whole process above the RSS after the imports; whether the output equals the in-memory model's; for
+BERT batch 1 the smallest cgroup limit (RAM + swap, page cache charged) under which loading and two
+runs exit 0 within 30 s + 10x the unlimited load, warm-up and cold run: binary search in 32 MiB steps,
+with ✗ the largest that failed and the wall time at the cap. Prints a table per case, writes
+bench-out/bench.png and bench-out/bench.json (results: docs/benchmarks.md). `--quick`: small models.
 
     MALLOC_MMAP_THRESHOLD_=1048576 .venv/bin/python -m benchmarks.side_by_side [--quick] [--no-caps]
 """

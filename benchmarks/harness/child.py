@@ -76,8 +76,6 @@ class Child:
 
     def save_tensor(self, tensor: Any) -> None:
         """Beside the result, as `<out>.pt`: outputs the parent compares with `torch.equal`."""
-        import torch
-
         torch.save(tensor, self.out.with_suffix(".pt"))
 
 

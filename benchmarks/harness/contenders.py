@@ -47,7 +47,7 @@ CONTENDERS = {
 }
 
 
-def load(name: str, spec: dict[str, Any], offload: Path, *, drop: bool = False) -> Any:
+def load(name: str, spec: dict[str, Any], offload: Path, *, drop: bool = False) -> tuple[Any, str]:
     """Contender `name`'s model of the spec's class, and a note on how it loaded ("" if there is nothing to say).
 
     The spec's `folder` overrides the converted folder a pylomin contender reads; `drop` is
