@@ -209,9 +209,9 @@ json.dump({"resident": stream.policy.plan.resident_bytes, "note": stream.policy.
 @pytest.mark.slow
 def test_a_cgroup_limited_process_keeps_half_and_streams_the_rest(tmp_path: Path) -> None:
     sys.path.insert(0, str(ROOT))
-    from scripts import _cgroup  # the benchmarks' cgroup v1 runner: page cache dropped first
+    from benchmarks.harness import cgroup  # the benchmarks' cgroup runner: page cache dropped first
 
-    why = _cgroup.unavailable()
+    why = cgroup.unavailable()
     if why is not None:
         pytest.skip(why)
     # A 330 MiB Llama; the child is allowed its own baseline (measured) + the headroom + half the model.
@@ -227,7 +227,7 @@ def test_a_cgroup_limited_process_keeps_half_and_streams_the_rest(tmp_path: Path
         want = ref(torch.arange(64).reshape(1, 64) % 1000).logits
     del ref
     gc.collect()
-    baseline = _cgroup.run_capped(
+    baseline = cgroup.run_capped(
         [sys.executable, "-c", "import torch, transformers, pylomin, transformers.models.llama"], 4 * GiB, 300
     )
     assert baseline.ok, baseline.reason
@@ -235,7 +235,7 @@ def test_a_cgroup_limited_process_keeps_half_and_streams_the_rest(tmp_path: Path
     # The decision keeps a fixed headroom free: half the model is what is left beside it (with the
     # headroom counted in, a busy machine's baseline peak decides whether anything fits).
     limit = baseline.max_usage + HEADROOM + nbytes // 2
-    run = _cgroup.run_capped([sys.executable, "-c", CHILD, str(folder), str(out)], limit, 300)
+    run = cgroup.run_capped([sys.executable, "-c", CHILD, str(folder), str(out)], limit, 300)
     assert run.ok, run.reason  # no OOM kill
     got = json.loads(out.read_text())
     assert 0 < got["resident"] < nbytes, got  # part kept, part streamed
