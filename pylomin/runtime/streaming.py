@@ -160,6 +160,7 @@ def attach_(
     """
     device = options.device
     store = Store(folder, manifest, drop_page_cache=options.drop_page_cache is not False)
+    pager: Pager | None = None
     lifecycle: Lifecycle | None = None
     reader: Prefetcher | None = None
     try:
@@ -214,6 +215,8 @@ def attach_(
             lifecycle.detach()
         if reader is not None:
             reader.close()
+        if pager is not None:
+            pager.detach()  # no parameter may stay a view of a mapping closed below
         store.close()
         raise
     # Only what does not reference the model: the finalizer must not keep it alive.
