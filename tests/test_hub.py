@@ -1,4 +1,5 @@
-"""Repo ids resolved from a Hugging Face cache built in tmp_path, offline; the converted-model cache."""
+"""Repo ids resolved from a Hugging Face cache built in tmp_path, offline; local Hugging Face folders; the
+converted-model cache."""
 
 from __future__ import annotations
 
@@ -190,3 +191,44 @@ def test_a_repo_id_quantized_at_load_is_cached_by_scheme(env: dict[str, str], tm
 
 def fmt_of(folder: Path) -> dict:
     return json.loads((folder / "pylomin.json").read_text())  # type: ignore[no-any-return]
+
+
+def test_a_local_hugging_face_folder_converts_into_the_cache_once(hf_dir, tmp_path: Path, caplog) -> None:
+    import logging
+    import os
+
+    import torch
+    import transformers
+
+    import pylomin
+    from pylomin.runtime.model import stream_of
+    from tests import models
+
+    src = tmp_path / "bert-hf"
+    shutil.copytree(hf_dir("bert"), src)
+    cache = tmp_path / "pl-cache"
+    ref = models.pretrained(transformers.BertModel, src)
+    x = models.ids()
+
+    def load() -> tuple[torch.nn.Module, list[str]]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="pylomin"):
+            model = pylomin.load_streaming(src, transformers.BertModel, cache_dir=cache)
+        return model, [r.getMessage() for r in caplog.records if r.getMessage().startswith("converting")]
+
+    model, said = load()
+    assert len(said) == 1 and f"`{src.resolve()}` into the cache at `{cache}" in said[0], said
+    with torch.no_grad():
+        assert torch.equal(model(x).last_hidden_state, ref(x).last_hidden_state)
+    [first] = [p.parent for p in cache.rglob("pylomin.json")]
+    assert json.loads((first / "pylomin.json").read_text())["source"]["path"] == str(src.resolve())
+    assert not (src / "pylomin.json").exists()  # the user's folder is left as it was
+
+    again, said = load()
+    assert said == [] and stream_of(again).store.folder == first
+
+    # The checkpoint changed in place: converted again, beside the earlier conversion.
+    weights = src / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    _, said = load()
+    assert len(said) == 1 and len(list(cache.rglob("pylomin.json"))) == 2

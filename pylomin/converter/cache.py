@@ -1,7 +1,10 @@
-"""The cache of models converted from Hub repo ids: `org--name/<commit>/`, with `refs/` naming revisions."""
+"""The cache of converted models: Hub repo ids as `org--name/<commit>/` with `refs/` naming revisions, and
+local Hugging Face folders as `local--<path digest>/<content digest>/`."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
@@ -44,12 +47,6 @@ def converted(
     A revision seen before resolves through the cache's `refs/` without touching the Hub. Two
     processes converting the same model wait on a lock; the second finds the first one's folder.
     """
-    from filelock import FileLock
-
-    # The conversion (tqdm, the layout code) is imported only for a model not in the cache yet: the
-    # runtime reaches the converter through this module, and a repo id converted before loads without it.
-    from pylomin.converter.convert import convert_local
-
     hf_cls = model_cls if isinstance(model_cls, type) and hasattr(model_cls, "config_class") else None
     base = _repo_dir(repo_id, cache_dir)
     ref = base / "refs" / (revision or "main")
@@ -59,15 +56,53 @@ def converted(
     src = hub.snapshot(repo_id, revision)
     commit = src.name if _COMMIT.match(src.name) else (revision or "main")
     out = base / _folder_name(commit, hf_cls, quantize)
-    base.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(base / f"{out.name}.lock")):
-        if not (out / fmt.MANIFEST_NAME).is_file():
-            logger.info("converting `%s` (%s) into the cache at `%s`", repo_id, commit, out)
-            source: dict[str, object] = {"repo_id": repo_id, "revision": revision or "main", "commit": commit}
-            convert_local(src, out, source, progress=progress, model_cls=hf_cls, quantize=quantize)
-        ref.parent.mkdir(parents=True, exist_ok=True)
-        ref.write_text(commit)
+    source: dict[str, object] = {"repo_id": repo_id, "revision": revision or "main", "commit": commit}
+    _convert_once(src, out, source, f"`{repo_id}` ({commit})", progress=progress, model_cls=hf_cls, quantize=quantize)
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    ref.write_text(commit)
     return out
+
+
+def converted_folder(
+    src: Path,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    model_cls: Any = None,
+    quantize: Scheme | None = None,
+) -> Path:
+    """The converted folder of a local, unconverted Hugging Face folder: from pylomin's cache, else converted once.
+
+    Keyed by the folder's absolute path and by the names, sizes and modification times of its files:
+    a checkpoint changed in place is converted again (the earlier conversion stays until
+    `pylomin cache rm local/<digest>`).
+    """
+    path = src.resolve()
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    content = json.dumps([[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files])
+    hf_cls = model_cls if isinstance(model_cls, type) and hasattr(model_cls, "config_class") else None
+    base = cache_root(cache_dir) / f"local--{hashlib.sha256(str(path).encode()).hexdigest()[:16]}"
+    out = base / _folder_name(hashlib.sha256(content.encode()).hexdigest()[:16], hf_cls, quantize)
+    if not (out / fmt.MANIFEST_NAME).is_file():
+        source: dict[str, object] = {"path": str(path)}
+        _convert_once(path, out, source, f"`{path}`", progress=progress, model_cls=hf_cls, quantize=quantize)
+    return out
+
+
+def _convert_once(
+    src: Path, out: Path, source: dict[str, object], what: str, *, progress: bool, model_cls: Any, quantize: Any
+) -> None:
+    # Two processes converting the same model wait on a lock; the second finds the first one's folder.
+    from filelock import FileLock
+
+    # The conversion (tqdm, the layout code) is imported only for a model not in the cache yet.
+    from pylomin.converter.convert import convert_local
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out.parent / f"{out.name}.lock")):
+        if not (out / fmt.MANIFEST_NAME).is_file():
+            logger.info("converting %s into the cache at `%s` (once; later loads use it)", what, out)
+            convert_local(src, out, source, progress=progress, model_cls=model_cls, quantize=quantize)
 
 
 def resolve(
@@ -78,7 +113,9 @@ def resolve(
     model_cls: Any = None,
     quantize: Any = None,
 ) -> Path:
-    """The runtime's way in to the converter: `src`, which is no existing path, as a repo id converted in the cache."""
+    """The runtime's way in to the converter: `src`, a local Hugging Face folder or a repo id, converted in the cache."""
+    if Path(src).is_dir():
+        return converted_folder(Path(src), cache_dir=cache_dir, model_cls=model_cls, quantize=quantize)
     if not hub.is_repo_id(src):
         raise FileNotFoundError(f"`{src}` does not exist; convert a model first with `pylomin-convert MODEL {src}`")
     return converted(src, revision, cache_dir=cache_dir, model_cls=model_cls, quantize=quantize)

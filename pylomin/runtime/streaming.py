@@ -54,8 +54,9 @@ def load_streaming(
     """Build `model_cls` with its parameters on disk, paged in per unit as the model runs.
 
     Args:
-        path: a folder written by `pylomin.convert` / `pylomin-convert`, or a Hub repo id
-            (`org/name`), converted on first use into pylomin's cache and reused afterwards.
+        path: a folder written by `pylomin.convert` / `pylomin-convert`; or a Hub repo id
+            (`org/name`) or a local Hugging Face folder (a `config.json`, no `pylomin.json`),
+            converted on first use into pylomin's cache (logged at INFO) and reused afterwards.
         model_cls: a transformers model class (`BertModel`, `AutoModelForCausalLM`, ...), built
             from the folder's `config.json`; or any zero-argument callable returning the `nn.Module`;
             or its import path as a string (`"transformers.BertModel"`, `"pkg.mod:factory"`), as the
@@ -118,8 +119,9 @@ def load(
     model_cls = resolve_model_cls(model_cls)
     scheme = parse_scheme(quantize) if quantize is not None else None
     folder = Path(path)
-    if not folder.exists():
-        # A repo id: converted into the cache on first use. The converter is imported only here.
+    if not folder.exists() or _unconverted(folder):
+        # A repo id or a Hugging Face folder: converted into the cache on first use, found there
+        # afterwards. The converter is imported only here.
         from pylomin.converter import cache
 
         if scheme is not None:
@@ -140,6 +142,11 @@ def load(
     if held is not None:
         prepare_(model, held, folder, options.device)
     return attach_(model, folder, manifest, options).eval()
+
+
+def _unconverted(folder: Path) -> bool:
+    """A Hugging Face folder (a `config.json`, no `pylomin.json`), not a converted one."""
+    return (folder / "config.json").is_file() and not (folder / fmt.MANIFEST_NAME).exists()
 
 
 def attach_(
