@@ -47,7 +47,7 @@ def converted(
     A revision seen before resolves through the cache's `refs/` without touching the Hub. Two
     processes converting the same model wait on a lock; the second finds the first one's folder.
     """
-    hf_cls = model_cls if isinstance(model_cls, type) and hasattr(model_cls, "config_class") else None
+    hf_cls = _hf_cls(model_cls)
     base = _repo_dir(repo_id, cache_dir)
     ref = base / "refs" / (revision or "main")
     commit = revision if revision and _COMMIT.match(revision) else _read(ref)
@@ -80,7 +80,7 @@ def converted_folder(
     path = src.resolve()
     files = sorted(p for p in path.iterdir() if p.is_file())
     content = json.dumps([[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files])
-    hf_cls = model_cls if isinstance(model_cls, type) and hasattr(model_cls, "config_class") else None
+    hf_cls = _hf_cls(model_cls)
     base = cache_root(cache_dir) / f"local--{hashlib.sha256(str(path).encode()).hexdigest()[:16]}"
     out = base / _folder_name(hashlib.sha256(content.encode()).hexdigest()[:16], hf_cls, quantize)
     if not (out / fmt.MANIFEST_NAME).is_file():
@@ -119,6 +119,11 @@ def resolve(
     if not hub.is_repo_id(src):
         raise FileNotFoundError(f"`{src}` does not exist; convert a model first with `pylomin-convert MODEL {src}`")
     return converted(src, revision, cache_dir=cache_dir, model_cls=model_cls, quantize=quantize)
+
+
+def _hf_cls(model_cls: Any) -> type | None:
+    # A transformers class: the converted layout, and so the cache key, depend on it.
+    return model_cls if isinstance(model_cls, type) and hasattr(model_cls, "config_class") else None
 
 
 def _folder_name(commit: str, hf_cls: type | None, quantize: Scheme | None = None) -> str:

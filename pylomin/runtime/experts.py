@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pylomin.runtime.policy import Plan, Range, merge
+from pylomin.format.manifest import Range
+from pylomin.runtime.policy import Plan, merge
 from pylomin.runtime.store import Store
 
 

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -194,12 +195,12 @@ class Lifecycle:
         # forward(hidden_states, top_k_index, top_k_weights): the router's choice is an argument.
         index = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
         experts = self.pager.experts
-        if experts is None or not hasattr(index, "dim"):
+        if experts is None or not isinstance(index, torch.Tensor):
             return  # called some other way: the chosen experts' pages fault in as they are used
-        t0 = time.perf_counter_ns()
+        rec = self.recorder
+        t0 = time.perf_counter_ns() if rec is not None else 0
         # Read ahead whole with the unit in a prompt pass (waited for in `_enter`).
         whole = self.reader is not None and self.reader.reads_all_experts and module in self.index
         chosen, hits, nbytes = experts.read_chosen(module, index, read_ahead=whole)
-        rec = self.recorder
         if rec is not None and chosen and module in self.index:
             rec.experts(self.index[module], t0, time.perf_counter_ns(), chosen=chosen, hits=hits, nbytes=nbytes)

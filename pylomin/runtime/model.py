@@ -57,7 +57,7 @@ def stream_of(model: nn.Module) -> Stream:
 
 def set_stream(model: nn.Module, stream: Stream) -> None:
     """Attach `stream` to `model`, whose class becomes the streamed subclass of its own."""
-    model.__class__ = streamed_class(stream.base_class)
+    model.__class__ = _streamed_class(stream.base_class)
     model.__dict__[_STREAM] = stream
 
 
@@ -213,7 +213,7 @@ def _matches(name: str, patterns: list[str]) -> bool:
 _STREAMED_CLASSES: dict[type, type] = {}
 
 
-def streamed_class(base: type) -> type:
+def _streamed_class(base: type) -> type:
     """A subclass of `base` for a streamed model: `device` is the streaming device, not that of its first
     (meta) parameter; `.to` where it already is does nothing, elsewhere says how to load it there;
     pickling says what to save instead. Its name and module are `base`'s, so it prints the same."""

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from pylomin.errors import PylominError
+from pylomin.format.manifest import Range
 from pylomin.runtime.experts import ExpertPaging
-from pylomin.runtime.policy import Plan, Range, merge
+from pylomin.runtime.policy import Plan, merge
 from pylomin.runtime.prefetch import Prefetcher
 from pylomin.runtime.stage import Stager
 from pylomin.runtime.store import Store
