@@ -104,6 +104,29 @@ def params_on_meta() -> Iterator[None]:
             nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
+def kv_cache_bytes(config: Any, batch: int, tokens: int, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of the key/value cache a decoder of `config` holds for `batch` sequences of `tokens` tokens.
+
+    Keys and values per layer: `num_key_value_heads x head_dim` each (multi-latent attention, DeepSeek's:
+    `heads x (qk_nope + qk_rope)` keys and `heads x v_head_dim` values, as transformers caches them).
+    0 for a config without attention heads (an encoder-only or convolutional model still allocates
+    activations, which the caller accounts for).
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(text, "num_attention_heads", None)
+    layers = getattr(text, "num_hidden_layers", None)
+    hidden = getattr(text, "hidden_size", None)
+    if not isinstance(heads, int) or not isinstance(layers, int) or heads <= 0:
+        return 0
+    if getattr(text, "qk_nope_head_dim", None) and getattr(text, "v_head_dim", None):
+        per_token = heads * (text.qk_nope_head_dim + getattr(text, "qk_rope_head_dim", 0) + text.v_head_dim)
+    else:
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        head_dim = getattr(text, "head_dim", None) or (hidden // heads if isinstance(hidden, int) else 0)
+        per_token = 2 * kv_heads * head_dim
+    return layers * per_token * batch * tokens * torch.empty((), dtype=dtype).element_size()
+
+
 def experts_count(module: nn.Module) -> int | None:
     """The number of experts of a fused experts module (transformers' `forward(hidden_states, top_k_index,
     top_k_weights)` over `[E, ...]` parameters), else None."""
