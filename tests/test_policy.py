@@ -187,3 +187,16 @@ def test_on_a_gpu_the_plan_follows_its_free_memory_and_the_host_keeps_pages_warm
     assert not policy.adaptive and policy.plan.resident_bytes <= MODEL // 2
     assert not policy.drop_page_cache  # the model fits in the host's page cache
     assert policy not in MemoryPolicy._host
+
+
+def test_plan_at_answers_for_a_figure_without_following_it() -> None:
+    machine = Machine(HEADROOM + MODEL)
+    policy = machine.policy(memory_budget=0, prefetch_units=0)
+    before = policy.plan
+    decision, plan = policy.plan_at(Memory(HEADROOM + MODEL // 2, 2**34, "asked"), prefetch_units=2)
+    assert policy.plan is before and policy.decision is None  # nothing followed
+    assert not decision.fits and decision.memory.source == "asked"
+    assert plan == policy.plan_for(decision.memory_budget, decision.prefetch_units)
+    assert 0 < plan.resident_bytes <= MODEL // 2 and plan.prefetch_units == decision.prefetch_units
+    roomy, whole = policy.plan_at(Memory(HEADROOM + MODEL, 2**34, "asked"))
+    assert roomy.fits and whole.resident_bytes == MODEL and whole.streamed == []

@@ -376,3 +376,21 @@ class MemoryPolicy:
         self.decision = decision
         self.plan = self.plan_for(decision.memory_budget, decision.prefetch_units)
         self.drop_page_cache = decision.drop_page_cache
+
+    def plan_at(self, memory: Memory, *, prefetch_units: int | None = None) -> tuple[Decision, Plan]:
+        """What "auto" would choose at `memory`, and its plan, without following it (a question asked before a run).
+
+        `prefetch_units`: the most units read ahead (default: this policy's); a model loaded with
+        `prefetch=0` only to ask can ask about the default's window.
+        """
+        units = self.prefetch_units if prefetch_units is None else prefetch_units
+        decision = decide(
+            memory,
+            self.model_bytes,
+            self.largest_streamed,
+            headroom=self.headroom,
+            prefetch_units=units,
+            prefetch_bytes=self.prefetch_bytes,
+            drop_page_cache=self.asked_drop,
+        )
+        return decision, self.plan_for(decision.memory_budget, decision.prefetch_units)
