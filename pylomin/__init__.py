@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from pylomin.lazy import lazy_loading
     from pylomin.quantize import quantize_
     from pylomin.runtime.store import verify
-    from pylomin.runtime.streaming import load_streaming, unload_
+    from pylomin.runtime.streaming import load_streaming, self_draft, unload_
     from pylomin.tools.profile import Profile, profile
 
 _LAZY = {
@@ -32,6 +32,7 @@ _LAZY = {
     "verify": "pylomin.runtime.store",
     "load_streaming": "pylomin.runtime.streaming",
     "unload_": "pylomin.runtime.streaming",
+    "self_draft": "pylomin.runtime.streaming",
     "Profile": "pylomin.tools.profile",
     "profile": "pylomin.tools.profile",
 }
@@ -50,6 +51,7 @@ __all__ = [
     "load_streaming",
     "profile",
     "quantize_",
+    "self_draft",
     "unload_",
     "verify",
 ]

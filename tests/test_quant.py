@@ -22,6 +22,7 @@ from pylomin.errors import PylominError
 from pylomin.format import manifest as fmt
 from pylomin.format.quant import Quantization, Scheme, pack_digest, parse_scheme
 from pylomin.runtime import quant
+from pylomin.runtime.model import stream_of
 from pylomin.tools import cli
 from tests import models
 
@@ -376,8 +377,20 @@ def test_quantize_at_load_must_match_the_folder(saved: Callable[[str], Path], tm
     )
     with pytest.raises(ValueError, match=r"holds int8 weights; a converted folder is loaded as it is"):
         pylomin.load_streaming(int8, transformers.LlamaForCausalLM, quantize="int4")
-    with pytest.raises(ValueError, match=r"holds unquantized weights"):
-        pylomin.load_streaming(plain, transformers.LlamaForCausalLM, quantize="int8")
+    # A folder holding the weights as stored is quantized into the cache, once, and equals the
+    # conversion of the original checkpoint; the folder itself is left as it was.
+    before = sorted((p.relative_to(plain), p.stat().st_mtime_ns) for p in plain.rglob("*"))
+    model = pylomin.load_streaming(plain, transformers.LlamaForCausalLM, quantize="int8", cache_dir=tmp_path / "c")
+    folder = stream_of(model).store.folder
+    assert folder.is_relative_to(tmp_path / "c") and fmt.read(folder).quantization.scheme == Int8WeightOnly()  # type: ignore[union-attr]
+    assert sorted((p.relative_to(plain), p.stat().st_mtime_ns) for p in plain.rglob("*")) == before
+    ref = pylomin.load_streaming(int8, transformers.LlamaForCausalLM)
+    for seq in (1, 20):
+        assert torch.equal(output(model, ids(seq)), output(ref, ids(seq)))
+    again = pylomin.load_streaming(plain, transformers.LlamaForCausalLM, quantize="int8", cache_dir=tmp_path / "c")
+    assert stream_of(again).store.folder == folder
+    with pytest.raises(PylominError, match=r"holds int8 weights already; convert the original checkpoint"):
+        pylomin.convert(int8, tmp_path / "twice", quantize="int4", progress=False)
 
 
 def test_quantizing_a_bare_state_dict_says_what_it_needs(tmp_path: Path) -> None:

@@ -71,7 +71,10 @@ def converted_folder(
     model_cls: Any = None,
     quantize: Scheme | None = None,
 ) -> Path:
-    """The converted folder of a local, unconverted Hugging Face folder: from pylomin's cache, else converted once.
+    """The conversion of a local folder: from pylomin's cache, else converted once.
+
+    `src` is a Hugging Face folder, or a folder pylomin converted already (holding the weights as
+    stored) that a `quantize` scheme converts again (a self-draft, `load_streaming(..., quantize=)`).
 
     Keyed by the folder's absolute path and by the names, sizes and modification times of its files:
     a checkpoint changed in place is converted again (the earlier conversion stays until

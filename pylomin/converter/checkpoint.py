@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from pylomin.errors import PylominError
+from pylomin.format import manifest as fmt
 from pylomin.format.header import SAFETENSORS_DTYPES, decode_header
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,8 @@ def open_checkpoint(src: str | os.PathLike[str]) -> Checkpoint:
     src = Path(src)
     if not src.exists():
         raise FileNotFoundError(f"`{src}` does not exist; give a model folder, a weights file or a Hub repo id")
+    if src.is_dir() and (src / fmt.MANIFEST_NAME).is_file():
+        return _converted(src)
     if src.is_dir():
         weight_files = _weight_files_in(src)
         extra = [src / n for n in EXTRA_FILES if (src / n).is_file()]
@@ -110,6 +113,23 @@ def open_checkpoint(src: str | os.PathLike[str]) -> Checkpoint:
             seen[t.name] = path
         ckpt.tensors.extend(tensors)
         ckpt.aliases.update(aliases)
+    return ckpt
+
+
+def _converted(folder: Path) -> Checkpoint:
+    """A folder pylomin converted already, as a source (to quantize it, or to convert it with other units)."""
+    manifest = fmt.read(folder)
+    if manifest.quantization is not None:
+        raise PylominError(
+            f"`{folder}` holds {manifest.quantization.scheme} weights already; convert the original checkpoint "
+            "(the folder's `source` in pylomin.json says where it came from)"
+        )
+    extra = [folder / n for n in EXTRA_FILES if (folder / n).is_file()]
+    files = [folder / u.file for u in manifest.units]
+    ckpt = Checkpoint(tensors=[], aliases=dict(manifest.aliases), weight_files=files, extra_files=extra)
+    for unit, path in zip(manifest.units, files, strict=True):
+        # A unit file may hold padding entries between tensors: only the manifest's tensors are the model's.
+        ckpt.tensors.extend(t for t in _index_safetensors(path) if t.name in unit.tensors)
     return ckpt
 
 

@@ -1,0 +1,113 @@
+"""Many tokens per read: a streamed model checks a draft's k tokens in one pass, and greedy output stays its own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import pylomin
+from pylomin.format import manifest as fmt
+from pylomin.runtime.model import stream_of
+from tests import models
+from tests.test_layout import mixtral
+
+
+def _llama(folder: Path) -> Path:
+    # MLPs of 128 x 64: large enough to be quantized (the tiny test Llama's are kept as stored).
+    cfg = transformers.LlamaConfig(
+        vocab_size=models.VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).eval().save_pretrained(folder / "hf")
+    return pylomin.convert(folder / "hf", folder / "fp32", progress=False)
+
+
+def _greedy(model: torch.nn.Module, ids: torch.Tensor, **kwargs: object) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(ids, do_sample=False, max_new_tokens=16, pad_token_id=0, **kwargs)  # type: ignore[operator]
+
+
+def test_the_self_draft_is_the_models_int4_conversion_and_greedy_output_stays_the_models(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYLOMIN_CACHE", str(tmp_path / "cache"))
+    folder = _llama(tmp_path)
+    ref = models.pretrained(transformers.LlamaForCausalLM, tmp_path / "hf")
+    model = pylomin.load_streaming(folder, transformers.LlamaForCausalLM, memory_budget=0)
+    draft = pylomin.self_draft(model)
+    held = fmt.read(stream_of(draft).store.folder)
+    assert held.quantization is not None and str(held.quantization.scheme) == "int4-g64"
+    assert held.quantization.modules and stream_of(draft).store.folder.is_relative_to(tmp_path / "cache")
+    assert stream_of(draft).policy.plan.resident_bytes == held.nbytes  # kept whole: it runs every token
+    ids = models.ids(batch=1, seq=8)
+    plain = _greedy(model, ids)
+    assert torch.equal(plain, _greedy(ref, ids))
+    assert torch.equal(_greedy(model, ids, assistant_model=draft), plain)
+    assert torch.equal(_greedy(model, ids, prompt_lookup_num_tokens=3), plain)
+    # Once converted, the draft is found in the cache: a second call converts nothing.
+    files = sorted(p for p in (tmp_path / "cache").rglob("*") if p.is_file())
+    again = pylomin.self_draft(model)
+    assert stream_of(again).store.folder == stream_of(draft).store.folder
+    assert sorted(p for p in (tmp_path / "cache").rglob("*") if p.is_file()) == files
+
+
+def test_a_self_draft_needs_a_streamed_model(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"not a pylomin model"):
+        pylomin.self_draft(models.llama())
+    lazy = pylomin.lazy_loading(models.llama())
+    with pytest.raises(ValueError, match=r"self_draft needs a model from load_streaming"):
+        pylomin.self_draft(lazy)
+
+
+def _past(model: torch.nn.Module, prefix: torch.Tensor) -> transformers.DynamicCache:
+    with torch.no_grad():
+        return model(prefix, use_cache=True).past_key_values  # type: ignore[no-any-return, operator]
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_a_verify_pass_of_k_tokens_reads_each_streamed_unit_once(tmp_path: Path, prefetch: int) -> None:
+    folder = _llama(tmp_path)
+    model = pylomin.load_streaming(folder, transformers.LlamaForCausalLM, memory_budget=0, prefetch=prefetch)
+    prefix = models.ids(batch=1, seq=12)
+    streamed = {u.name: u.nbytes for u in fmt.read(folder).units}
+    for k in (1, 5):
+        past = _past(model, prefix)
+        with torch.no_grad(), pylomin.profile(model) as prof:
+            model(models.ids(batch=1, seq=k, seed=k), past_key_values=past, use_cache=True)
+        reads = [(s.unit, s.nbytes) for s in prof.spans if s.kind in ("read", "load") and s.nbytes]
+        assert len(reads) == len(set(reads)), (k, reads)  # no unit twice in one pass
+        if prefetch == 0:  # read in the pass itself: exactly each streamed unit, once
+            assert sorted(reads) == sorted(streamed.items()), (k, reads)
+        else:  # the reader runs ahead into the next pass, so the last reads may land after it ends
+            assert set(reads) <= set(streamed.items()) and len(reads) >= len(streamed) - 2, (k, reads)
+
+
+def test_a_verify_pass_of_k_tokens_reads_the_union_of_their_experts(disk_dir: Path) -> None:
+    src = disk_dir / "src"
+    mixtral(experts=8, hidden=64, intermediate=64).save_pretrained(src)
+    folder = pylomin.convert(src, disk_dir / "out", progress=False)
+    ref = models.pretrained(transformers.MixtralForCausalLM, src)
+    model = pylomin.load_streaming(folder, transformers.MixtralForCausalLM, memory_budget=0)
+    expert = (64 * 128 + 64 * 64) * 4  # one expert of one layer, both fused tensors
+    prefix = models.ids(batch=1, seq=4)
+    new = models.ids(batch=1, seq=3, seed=3)  # 3 tokens x top-2 < 2 x 8 experts: per expert, not whole layers
+    past, ref_past = _past(model, prefix), _past(ref, prefix)
+    chosen = models.chosen_experts(model)
+    with torch.no_grad(), pylomin.profile(model) as prof:
+        out = model(new, past_key_values=past, use_cache=True).logits
+        assert torch.equal(out, ref(new, past_key_values=ref_past, use_cache=True).logits)
+    union = sum(len(e) for e in chosen.values())
+    assert 2 * 2 <= union < 2 * 8  # more than one token's, fewer than every expert
+    assert sum(s.nbytes for s in prof.spans if s.kind == "experts") == union * expert
+    assert not [s for s in prof.spans if s.kind == "read" and s.unit.endswith("mlp.experts")]
