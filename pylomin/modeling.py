@@ -127,6 +127,34 @@ def kv_cache_bytes(config: Any, batch: int, tokens: int, dtype: torch.dtype = to
     return layers * per_token * batch * tokens * torch.empty((), dtype=dtype).element_size()
 
 
+def pass_bytes(
+    config: Any, batch: int, new: int, past: int = 0, *, logits: int | None = None, dtype: torch.dtype = torch.float32
+) -> int:
+    """About what one forward of a decoder of `config` allocates beyond what it holds before: the KV cache
+    it adds for `batch` x `new` tokens after `past` cached ones, and its largest live activations.
+
+    Activations: a layer's hidden states and MLP intermediates for every new token, the attention
+    scores (`heads x new x (past + new)` per sequence, as the math kernel allocates them), and the
+    logits of `logits` tokens per sequence (None: every new token; `generate()` keeps the last one).
+    An upper estimate: fused kernels allocate less. 0 for a config without the sizes.
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = getattr(text, "hidden_size", None)
+    if not isinstance(hidden, int) or batch <= 0 or new <= 0:
+        return 0
+    size = torch.empty((), dtype=dtype).element_size()
+    intermediate = max(
+        [v for k in ("intermediate_size", "moe_intermediate_size") if isinstance(v := getattr(text, k, None), int)]
+        or [4 * hidden]
+    )
+    heads = getattr(text, "num_attention_heads", None) or 1
+    vocab = getattr(text, "vocab_size", None) or 0
+    rows = batch * new
+    activations = rows * (6 * hidden + 3 * intermediate) + batch * heads * new * (past + new)
+    activations += batch * (new if logits is None else min(logits, new)) * vocab
+    return kv_cache_bytes(config, batch, new, dtype) + activations * size
+
+
 def experts_count(module: nn.Module) -> int | None:
     """The number of experts of a fused experts module (transformers' `forward(hidden_states, top_k_index,
     top_k_weights)` over `[E, ...]` parameters), else None."""

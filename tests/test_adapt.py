@@ -17,6 +17,7 @@ import transformers
 import pylomin
 from pylomin._os import Memory, read_memory
 from pylomin.format import manifest as fmt
+from pylomin.modeling import pass_bytes
 from pylomin.runtime.model import stream_of
 from pylomin.runtime.policy import HEADROOM, decide
 from tests import models
@@ -167,6 +168,30 @@ def test_the_resident_part_follows_the_memory_available(hf_dir, converted, tmp_p
         assert stream.policy.plan.resident_bytes == total and not stream.store.drop_page_cache
         assert all(p.device.type == "cpu" for p in model.parameters())
         assert torch.equal(forward_after(1.0), want)
+
+
+def test_units_are_given_back_before_a_forward_that_will_allocate_them(hf_dir, converted, tmp_path: Path) -> None:
+    folder = converted("llama")
+    ref = models.pretrained(transformers.LlamaForCausalLM, hf_dir("llama"))
+    model = pylomin.load_streaming(folder, transformers.LlamaForCausalLM)
+    policy = stream_of(model).policy
+    total = fmt.read(folder).nbytes
+    assert policy.plan.resident_bytes == total
+    now = [policy.checked_at]
+    policy.clock = lambda: now[0]
+    policy.headroom = 0  # the tiny model's forwards allocate far less than the real headroom
+    big, small = models.ids(batch=16, seq=48), models.ids(batch=1, seq=1)
+    reserve = pass_bytes(model.config, 16, 48)
+    assert reserve > total  # the model is tiny; its batch is not
+    # Room for the whole model beside a small forward, for half of it beside the big one.
+    policy.read = lambda: read_memory(fake_machine(tmp_path, reserve + total // 2))
+    with torch.no_grad():
+        # Within the second, but the forward will allocate what the model holds: planned for before it runs.
+        assert torch.equal(model(big).logits, ref(big).logits)
+        assert 0 < policy.plan.resident_bytes <= total // 2 + total // 32
+        now[0] += 2.0  # a small forward a while later: the model is whole again
+        assert torch.equal(model(small).logits, ref(small).logits)
+        assert policy.plan.resident_bytes == total
 
 
 def test_every_decision_is_logged_with_its_figures(hf_dir, converted, tmp_path: Path, caplog) -> None:

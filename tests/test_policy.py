@@ -200,3 +200,33 @@ def test_plan_at_answers_for_a_figure_without_following_it() -> None:
     assert 0 < plan.resident_bytes <= MODEL // 2 and plan.prefetch_units == decision.prefetch_units
     roomy, whole = policy.plan_at(Memory(HEADROOM + MODEL, 2**34, "asked"))
     assert roomy.fits and whole.resident_bytes == MODEL and whole.streamed == []
+
+
+def test_a_forward_that_will_allocate_more_is_planned_for_at_once() -> None:
+    machine = Machine(HEADROOM + MODEL)
+    policy = machine.policy()
+    assert policy.plan.resident_bytes == MODEL
+    machine.now = 0.1  # not a second since the last re-check, but this forward will allocate half the model
+    shrunk = policy.recheck(reserve=HEADROOM + MODEL // 2)
+    assert shrunk is not None and 0 < shrunk.resident_bytes <= MODEL // 2
+    machine.now = 0.2
+    assert policy.recheck(reserve=HEADROOM + MODEL // 2) is None  # the same reserve: nothing new
+    assert policy.recheck(reserve=0) is None  # less: followed at the next re-check, not at once
+    machine.now = 1.5
+    grown = policy.recheck(reserve=0)
+    assert grown is not None and grown.resident_bytes == MODEL
+    # A reserve within the headroom changes nothing: the headroom is there for it.
+    machine.now = 1.6
+    assert policy.recheck(reserve=HEADROOM // 2) is None
+
+
+def test_a_forward_that_cannot_fit_is_warned_about(caplog) -> None:
+    import logging
+
+    machine = Machine(HEADROOM + MODEL)
+    policy = machine.policy()
+    with caplog.at_level(logging.WARNING, logger="pylomin"):
+        plan = policy.recheck(reserve=2 * (HEADROOM + MODEL))
+    assert plan is not None and plan.resident_bytes == 0
+    [record] = caplog.records
+    assert "it may be killed for memory; use a smaller batch or a shorter context" in record.getMessage()

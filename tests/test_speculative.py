@@ -10,6 +10,7 @@ import transformers
 
 import pylomin
 from pylomin.format import manifest as fmt
+from pylomin.modeling import kv_cache_bytes, pass_bytes
 from pylomin.runtime.model import stream_of
 from tests import models
 from tests.test_layout import mixtral
@@ -111,3 +112,15 @@ def test_a_verify_pass_of_k_tokens_reads_the_union_of_their_experts(disk_dir: Pa
     assert 2 * 2 <= union < 2 * 8  # more than one token's, fewer than every expert
     assert sum(s.nbytes for s in prof.spans if s.kind == "experts") == union * expert
     assert not [s for s in prof.spans if s.kind == "read" and s.unit.endswith("mlp.experts")]
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "mixtral"])
+def test_the_kv_cache_size_the_policy_counts_is_the_one_transformers_allocates(name: str) -> None:
+    model = mixtral() if name == "mixtral" else models.HF_MODELS[name]()
+    with torch.no_grad():
+        cache = model(models.ids(batch=3, seq=7), use_cache=True).past_key_values
+    allocated = sum(
+        t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values) if t is not None
+    )
+    assert allocated == kv_cache_bytes(model.config, 3, 7) > 0
+    assert pass_bytes(model.config, 3, 7) > kv_cache_bytes(model.config, 3, 7)

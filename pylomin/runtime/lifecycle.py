@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from pylomin.modeling import pass_bytes
 from pylomin.runtime.pager import Pager
 from pylomin.runtime.policy import MemoryPolicy
 from pylomin.runtime.prefetch import Prefetcher, Recorder
@@ -58,6 +59,8 @@ class Lifecycle:
 
     def __init__(self, root: nn.Module, pager: Pager, policy: MemoryPolicy, reader: Prefetcher | None):
         self.root = root
+        # The activations' dtype, for the memory a forward will allocate (`_reserve`).
+        self.dtype = next((p.dtype for p in root.parameters() if p.is_floating_point()), torch.float32)
         self.pager = pager
         self.policy = policy
         self.reader = reader
@@ -112,14 +115,15 @@ class Lifecycle:
             alone = not self._open
             self._open.add(calls)
         if alone:
-            self._recheck()
+            self._recheck(args, kwargs)
         if self.reader is not None:
             experts = self.pager.experts
             self.reader.begin_pass(calls, all_experts=experts is not None and experts.reads_all_experts(args, kwargs))
 
-    def _recheck(self) -> None:
-        # Between forwards: the policy reads the memory figure again (at most once a second) and may hand a new plan.
-        plan = self.policy.recheck()
+    def _recheck(self, args: Any, kwargs: Any) -> None:
+        # Between forwards: the policy reads the memory figure again (at most once a second, at once when
+        # this forward will allocate much more than the last) and may hand a new plan.
+        plan = self.policy.recheck(self._reserve(args, kwargs) if self.policy.adaptive else 0)
         if plan is None:
             return
         self.pager.store.drop_page_cache = self.policy.drop_page_cache
@@ -132,6 +136,29 @@ class Lifecycle:
                 whole_layers=self.pager.whole_layers(),
             )
         self.pager.fault_in(ranges)
+
+    def _reserve(self, args: Any, kwargs: Any) -> int:
+        """What this root forward will allocate: its KV cache growth and activations, from the model's
+        config and the inputs' shape (0 for a model without a config or token inputs)."""
+        config = getattr(self.root, "config", None)
+        ids = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+        if config is None or not isinstance(ids, torch.Tensor) or ids.dim() < 2:
+            return 0
+        past = kwargs.get("past_key_values", kwargs.get("cache"))
+        try:
+            cached = int(past.get_seq_length()) if past is not None else 0
+        except Exception:  # a legacy tuple cache, or a cache type without it
+            cached = 0
+        keep = kwargs.get("logits_to_keep")
+        dtype = ids.dtype if ids.is_floating_point() else self.dtype
+        return pass_bytes(
+            config,
+            ids.shape[0],
+            ids.shape[1],
+            cached,
+            logits=keep if isinstance(keep, int) and keep > 0 else None,
+            dtype=dtype,
+        )
 
     def _end_pass(self, module: nn.Module, args: Any, output: Any) -> None:
         self._close_pass(self._calls(), interrupted=False)

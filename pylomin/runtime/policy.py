@@ -292,6 +292,7 @@ class MemoryPolicy:
         self.copies = copies  # resident tensors are copies (a dtype cast): anonymous memory, not page cache
         self.headroom, self.read, self.clock = headroom, read, clock
         self.adaptive = memory_budget is None and gpu is None
+        self.reserved = 0  # the reserve of the last re-check (`recheck`)
         self.decision: Decision | None = None
         if memory_budget is not None:
             self.plan = self.plan_for(memory_budget, prefetch_units)
@@ -344,16 +345,36 @@ class MemoryPolicy:
         """The model is unloaded: its resident set no longer counts against the others."""
         MemoryPolicy._host.discard(self)
 
-    def recheck(self) -> Plan | None:
-        """Between forwards: read the figure if a second has passed; the new plan if it moved, else None."""
-        if not self.adaptive or self.clock() - self.checked_at < RECHECK_S:
+    def recheck(self, reserve: int = 0) -> Plan | None:
+        """Between forwards: read the figure if a second has passed; the new plan if it moved, else None.
+
+        `reserve`: bytes the coming forward will allocate beyond what is allocated now (the KV cache it
+        adds, its activations: `modeling.pass_bytes`). Beyond the headroom they count against the
+        budget, and a reserve beyond it that grew by a 32nd of the model re-reads at once: resident units are
+        given back before the forward allocates, not reclaimed by the kernel while it runs (where they
+        would thrash) or pushed out of a container by anonymous memory (where the OOM killer ends it).
+        """
+        if not self.adaptive:
             return None
-        self.checked_at = self.clock()
+        urgent = reserve > max(self.headroom, self.reserved + self.model_bytes // 32)
+        if not urgent and self.clock() - self.checked_at < RECHECK_S:
+            return None
+        self.checked_at, self.reserved = self.clock(), reserve
         held = self.plan.resident_bytes if self.copies else 0  # copies are not reclaimable pages
-        new = self._decide(with_available(self.read(), held - self.resident_elsewhere()))
+        memory = with_available(self.read(), held - self.resident_elsewhere())
+        extra = max(0, reserve - self.headroom)
+        if extra and memory.available < reserve + self.headroom:
+            logger.warning(
+                "the next forward needs ~%.0f MiB for its KV cache and activations, and %.0f MiB are available"
+                " (%s): it may be killed for memory; use a smaller batch or a shorter context",
+                reserve / MIB,
+                memory.available / MIB,
+                memory.source,
+            )
+        new = self._decide(with_available(memory, -extra))
         old = self.decision
         assert old is not None
-        shrink = new.memory_budget < old.memory_budget - old.model_bytes // 32
+        shrink = new.memory_budget < old.memory_budget - (0 if urgent else old.model_bytes // 32)
         grow = new.memory_budget >= min(old.model_bytes, old.memory_budget + old.model_bytes // 8) > old.memory_budget
         if not (shrink or grow or new.prefetch_units != old.prefetch_units):
             return None
