@@ -230,3 +230,15 @@ def test_a_forward_that_cannot_fit_is_warned_about(caplog) -> None:
     assert plan is not None and plan.resident_bytes == 0
     [record] = caplog.records
     assert "it may be killed for memory; use a smaller batch or a shorter context" in record.getMessage()
+
+
+def test_a_policy_that_steps_aside_lets_another_come_first_then_gives_back() -> None:
+    machine = Machine(HEADROOM + MODEL + MODEL // 2)
+    target = machine.policy()
+    assert target.plan.resident_bytes == MODEL
+    with target.step_aside():
+        draft = machine.policy()  # decides as if the target held nothing
+    assert draft.plan.resident_bytes == MODEL
+    assert target in MemoryPolicy._host
+    shrunk = target.recheck()  # at once, without waiting a second
+    assert shrunk is not None and shrunk.resident_bytes <= MODEL // 2

@@ -11,11 +11,12 @@ moved. The pass lifecycle, the reader thread and the device stager only carry pl
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -344,6 +345,20 @@ class MemoryPolicy:
     def close(self) -> None:
         """The model is unloaded: its resident set no longer counts against the others."""
         MemoryPolicy._host.discard(self)
+
+    @contextlib.contextmanager
+    def step_aside(self) -> Iterator[None]:
+        """While the block runs, the other models loaded decide as if this one held nothing (a draft that runs
+        every token comes first); afterwards this one re-reads the memory at its next forward and gives back
+        what they took."""
+        counted = self in MemoryPolicy._host
+        MemoryPolicy._host.discard(self)
+        try:
+            yield
+        finally:
+            if counted:
+                MemoryPolicy._host.add(self)
+            self.checked_at = float("-inf")
 
     def recheck(self, reserve: int = 0) -> Plan | None:
         """Between forwards: read the figure if a second has passed; the new plan if it moved, else None.

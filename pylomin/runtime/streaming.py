@@ -154,9 +154,8 @@ def self_draft(model: nn.Module, quantize: str | Scheme = "int4") -> nn.Module:
     all in one pass (one read of what it streams) and keeps the ones it would have chosen itself.
 
     Cost: on disk the quantized copy (int4, groups of 64: ~0.16x the fp32 bytes, or 0.31x of bf16;
-    int8: ~0.26x fp32), once; in memory the same, resident. Load the draft before the model when you
-    can: `model`'s memory policy counts the draft's resident bytes from its next forward on (the
-    draft's memory comes first).
+    int8: ~0.26x fp32), once; in memory the same, resident. The draft's memory comes first: it is
+    planned as if `model` held nothing, and `model` gives back what the draft took at its next forward.
 
     Example:
         >>> draft = pylomin.self_draft(model)
@@ -168,9 +167,8 @@ def self_draft(model: nn.Module, quantize: str | Scheme = "int4") -> nn.Module:
             "self_draft needs a model from load_streaming; a lazy_loading model came from memory: "
             "quantize a copy of it with `pylomin.quantize_` and pass it as the draft"
         )
-    draft = load(stream.store.folder, stream.base_class, Options.check(device=stream.device), quantize=quantize)
-    stream.policy.checked_at = float("-inf")  # the model's next forward re-reads the memory, draft included
-    return draft
+    with stream.policy.step_aside():  # the draft runs every token: it comes first, the model gives back the rest
+        return load(stream.store.folder, stream.base_class, Options.check(device=stream.device), quantize=quantize)
 
 
 def _unquantized(folder: Path) -> bool:
