@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from pylomin.quantize import quantize_
     from pylomin.runtime.store import verify
     from pylomin.runtime.streaming import load_streaming, self_draft, unload_
+    from pylomin.tools.plan import Estimate, estimate
     from pylomin.tools.profile import Profile, profile
 
 _LAZY = {
@@ -33,6 +34,8 @@ _LAZY = {
     "load_streaming": "pylomin.runtime.streaming",
     "unload_": "pylomin.runtime.streaming",
     "self_draft": "pylomin.runtime.streaming",
+    "Estimate": "pylomin.tools.plan",
+    "estimate": "pylomin.tools.plan",
     "Profile": "pylomin.tools.profile",
     "profile": "pylomin.tools.profile",
 }
@@ -40,6 +43,7 @@ _LAZY = {
 __version__ = "0.1.0"
 __all__ = [
     "ChunkedEmbedding",
+    "Estimate",
     "Int4WeightOnly",
     "Int8WeightOnly",
     "Profile",
@@ -47,6 +51,7 @@ __all__ = [
     "__version__",
     "chunked_embedding",
     "convert",
+    "estimate",
     "lazy_loading",
     "load_streaming",
     "profile",
