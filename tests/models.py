@@ -59,6 +59,24 @@ def llama() -> transformers.LlamaForCausalLM:
 HF_MODELS = {"bert": bert, "gpt2": gpt2, "llama": llama}
 
 
+def tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer built here, no download: `<s>` `</s>` `<unk>` (0-2), then words `w0`..`w95`.
+
+    One token per id of the models' vocabulary, so any id they generate decodes; words split on spaces
+    and decode joined by spaces.
+    """
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import WordLevel
+
+    words = ["<s>", "</s>", "<unk>", *(f"w{i}" for i in range(VOCAB - 3))]
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins tokens with spaces
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
 def pretrained(cls: Any, folder: Path | str, **kwargs: Any) -> Any:
     """`cls.from_pretrained(folder, **kwargs)` in eval mode, its weights copied into memory torch allocated.
 

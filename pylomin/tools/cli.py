@@ -1,4 +1,4 @@
-"""`pylomin-convert` and `pylomin` (convert, info, verify): thin argparse front ends returning an exit code."""
+"""`pylomin-convert` and `pylomin` (convert, info, verify, run, generate, plan, cache): thin argparse front ends returning an exit code."""
 
 from __future__ import annotations
 
@@ -181,6 +181,35 @@ def _run_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from pylomin.tools.generate import generate
+
+    generate(
+        args.src,
+        args.prompt,
+        model_cls=args.model_cls,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        chat=args.chat,
+        memory_budget=args.memory_budget,
+        revision=args.revision,
+        draft=args.draft,
+        estimate=not args.no_estimate,
+    )
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from pylomin.tools.plan import estimate
+
+    print(estimate(args.src, args.model_cls, memory=args.memory, batch=args.batch, context=args.context).describe())
+    return 0
+
+
 def _cache_ls(args: argparse.Namespace) -> int:
     from pylomin.converter import cache
 
@@ -198,6 +227,84 @@ def _cache_rm(args: argparse.Namespace) -> int:
     freed = cache.remove_from_cache(args.repo_id, args.cache_dir)
     print(f"removed {args.repo_id}: {freed / 2**20:.1f} MiB freed")
     return 0
+
+
+_GENERATE_EXAMPLE = """example:
+  pylomin generate ./llama-pylomin "The capital of France is" --max-new-tokens 32
+  pylomin generate org/name "Write a haiku about disks" --chat --do-sample --temperature 0.7 --seed 1
+  pylomin generate ./llama-pylomin "def fib(n):" --draft lookup        # candidates copied from the prompt
+  pylomin generate ./llama-pylomin "Once upon a time" --draft int4     # the model's own int4 copy drafts
+
+The text goes to stdout as it is made; the speed estimate (before) and what the run measured (after:
+tokens/s, the draft's acceptance, bytes read from disk per token, the memory policy's choice) to stderr.
+"""
+
+
+def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate text from a prompt with a streamed causal LM",
+        epilog=_GENERATE_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "src", help="a converted folder, a Hugging Face folder or a Hub repo id (converted once into the cache)"
+    )
+    p.add_argument("prompt", help="the text to continue (with --chat: the user's message)")
+    p.add_argument(
+        "--model-cls",
+        default="transformers.AutoModelForCausalLM",
+        metavar="CLASS",
+        help="import path (default transformers.AutoModelForCausalLM)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="tokens to generate (default 128)")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, help="with --do-sample")
+    p.add_argument("--top-p", type=float, help="with --do-sample")
+    p.add_argument("--top-k", type=int, help="with --do-sample")
+    p.add_argument("--seed", type=int, help="seed torch's generator first (reproducible sampling)")
+    p.add_argument(
+        "--chat", action="store_true", help="put the prompt in the tokenizer's chat template as the user's message"
+    )
+    p.add_argument(
+        "--memory-budget",
+        default="auto",
+        help='"auto" (default: what this process may use), "2GiB", or 0 (least memory)',
+    )
+    p.add_argument("--revision", help="with a Hub repo id: branch, tag or commit (default: main)")
+    p.add_argument(
+        "--draft",
+        metavar="int4|PATH|lookup",
+        help="speculative decoding: int4 (the model's own int4 conversion, made once into the cache), lookup "
+        "(candidates copied from the prompt), or a folder / repo id of a small model with the same tokenizer; "
+        "greedy output stays the model's own",
+    )
+    p.add_argument(
+        "--no-estimate", action="store_true", help="skip the speed estimate (and its check that the run fits)"
+    )
+    p.set_defaults(func=_generate)
+
+
+def _add_plan(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="estimate what a model will keep resident, read per token and decode at",
+        epilog="example:\n  pylomin plan ./llama-pylomin --memory 8GiB --context 4096\n  pylomin plan org/name --batch 4\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("src", help="a converted folder, a Hugging Face folder or a Hub repo id")
+    p.add_argument("--memory", help='the memory to plan for, e.g. "8GiB" (default: what this process may use)')
+    p.add_argument("--batch", type=int, default=1, metavar="N", help="sequences decoded together (default 1)")
+    p.add_argument(
+        "--context", type=int, default=2048, metavar="N", help="tokens per sequence, prompt included (default 2048)"
+    )
+    p.add_argument(
+        "--model-cls",
+        default="transformers.AutoModelForCausalLM",
+        metavar="CLASS",
+        help="import path (default transformers.AutoModelForCausalLM)",
+    )
+    p.set_defaults(func=_plan)
 
 
 def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
@@ -244,6 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="pylomin",
         description="Run PyTorch models whose weights do not fit in memory.",
         epilog="example:\n  pylomin convert ./gpt2 ./gpt2-pylomin\n  pylomin info ./gpt2-pylomin\n  pylomin verify ./gpt2-pylomin\n"
+        '  pylomin generate ./llama-pylomin "The capital of France is" --draft lookup\n'
+        "  pylomin plan ./llama-pylomin --memory 8GiB --context 4096\n"
         "  pylomin cache ls\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -284,6 +393,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--trace", help="write a Chrome trace JSON (Perfetto, chrome://tracing)")
     p.add_argument("--png", help="write a timeline PNG")
     p.set_defaults(func=_run_model)
+    _add_generate(sub)
+    _add_plan(sub)
     actions = sub.add_parser("cache", help="the cache of models converted from Hub repo ids").add_subparsers(
         required=True, metavar="ACTION"
     )
