@@ -161,7 +161,7 @@ def _measured(model: nn.Module, ids: Any, streamer: Any, kwargs: dict[str, Any])
     """`model.generate(ids, **kwargs)` with the streamer, its passes counted, timed, and the bytes read during it."""
     import torch
 
-    passes = _Passes(model)
+    passes = Passes(model)
     read0 = _read_bytes()
     start = time.perf_counter()
     try:
@@ -181,7 +181,7 @@ def _measured(model: nn.Module, ids: Any, streamer: Any, kwargs: dict[str, Any])
         decode_tokens=new - streamer.first_tokens if started else 0,
         decode_seconds=streamer.last_at - streamer.first_at if started else 0.0,
         passes=passes.count,
-        drafted=passes.tokens - prompt - max(passes.count - 1, 0),
+        drafted=passes.drafted(prompt),
         read_bytes=None if read0 is None or read1 is None else read1 - read0,
     )
 
@@ -331,7 +331,7 @@ def _memory(model: nn.Module, stream_of: Callable[[nn.Module], Any]) -> str:
     return f"memory: a fixed budget; {resident / MIB:.1f} MiB of the model's {model_bytes / MIB:.1f} MiB resident, the rest streamed"
 
 
-class _Passes:
+class Passes:
     """Counts the model's forwards and the tokens they read, with a forward pre-hook (removed by `remove`)."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -345,6 +345,10 @@ class _Passes:
             x = kwargs.get("inputs_embeds")
         self.count += 1
         self.tokens += int(x.shape[1]) if x is not None else 1
+
+    def drafted(self, prompt_tokens: int) -> int:
+        """Tokens a draft proposed: every pass after the first reads the last token plus the draft's (`Stats`)."""
+        return self.tokens - prompt_tokens - max(self.count - 1, 0)
 
     def remove(self) -> None:
         self._handle.remove()
