@@ -44,12 +44,13 @@ _CHUNK = 16 * MIB
 PLAUSIBLE_DISK = 8e9
 FALLBACK_DISK = 1e9  # then assumed: a conservative SSD figure, said so in `describe`
 # The Python side of a decode token, in calls of a tiny `nn.Linear` (timed on this machine by
-# `_call_seconds`): per leaf module, the module call and the ops its parent runs around it (rotary,
-# attention over the cache, reshapes, generate()'s own work); per hooked module, pylomin's hooks.
-# Calibrated on the benchmarks' machine (docs/benchmarks.md, 2 cores, in thread CPU time on one thread,
-# which other processes' load does not inflate): a 24-layer Llama with 64-wide layers (244 leaves, 27
-# hooked modules) decoded in 8.0-8.6 ms per token in transformers' own memory and 0.9-1.4 ms more through
-# pylomin with everything resident, a tiny call taking 5.4-5.6 us: 6 calls a leaf, 6-9 a hooked module.
+# `_call_seconds`): per token, generate()'s own work; per leaf module, the module call and the ops its
+# parent runs around it (rotary, attention over the cache, reshapes); per hooked module, pylomin's hooks.
+# Calibrated on the benchmarks' machine (docs/benchmarks.md, 2 cores) in thread CPU time on one thread,
+# which other processes' load does not inflate: Llamas with 64-wide layers decoded in 123 / 294 / 1483
+# tiny calls per token with 1 / 4 / 24 layers (14 / 44 / 244 leaves; a call 5.6 us): 32 + 6 per leaf;
+# the 24-layer one 0.9-1.4 ms more through pylomin with everything resident (27 hooked modules): 6-9 each.
+CALLS_PER_TOKEN = 32
 CALLS_PER_LEAF = 6
 CALLS_PER_TARGET = 8
 
@@ -363,7 +364,7 @@ def _compute(
     rate = _gemv_rate(matrices)
     call = _call_seconds()
     leaves = sum(1 for m in model.modules() if next(m.children(), None) is None)
-    python = call * (CALLS_PER_LEAF * leaves + CALLS_PER_TARGET * len(policy.targets))
+    python = call * (CALLS_PER_TOKEN + CALLS_PER_LEAF * leaves + CALLS_PER_TARGET * len(policy.targets))
     seconds = (active + kv / 2) / rate + python
     what = (
         f"a one-row product over {sum(m.nbytes for m in matrices) / MIB:.0f} MiB of its weights at "
@@ -374,7 +375,7 @@ def _compute(
 
 
 @torch.no_grad()
-def _gemv_rate(matrices: list[torch.Tensor], repeats: int = 5) -> float:
+def _gemv_rate(matrices: list[torch.Tensor], repeats: int = 7) -> float:
     """Bytes/second of `F.linear` of one row over `matrices`, warm (the first pass brings them into the caches
     it can); the median of `repeats` passes."""
     rows = {(m.shape[1], m.dtype): torch.randn(1, m.shape[1]).to(m.dtype) for m in matrices}
