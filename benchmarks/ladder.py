@@ -6,10 +6,13 @@ measured once). Each contender at each limit in one fresh child under it, page c
 load, a 1 x 128 forward, a second if time allows (reported), a greedy generate() of 16 tokens from 16
 (decode tok/s over the tokens after the first); written after every step, so a killed child still
 reports. A contender that failed is not run at the smaller limits (`--no-skip`). The floor: what does
-not fit beside the allowance, read once per token at the cold read bandwidth. Writes
+not fit beside the allowance, read once per token at the cold read bandwidth. The prediction: pylomin's
+speed estimate (`pylomin.estimate`) for its defaults at the memory the child read before loading, with the
+cold read bandwidth and a compute probe run here once, against the measured decode. Writes
 bench-out/bench_ladder.json and docs/ladder.png. `--model bert`: the 1.6 GiB BERT, forward only
 (docs/ladder-bert.png). `--limits-mib 384,512`: absolute limits, the allowance not added, and plain
-transformers under 8 GiB as the reference of the ratios. `--quick`: a 28 MiB model (a smoke test).
+transformers under 8 GiB as the reference of the ratios. `--quick`: a 28 MiB model (a smoke test, written to
+bench-out/bench_ladder_quick.json).
 
     MALLOC_MMAP_THRESHOLD_=1048576 .venv/bin/python -m benchmarks.ladder [--quick] [--limits 25,50]
         [--only memory,pylomin] [--timeout 600] [--no-png]
@@ -106,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         for label, limit, pct in sorted(steps, key=lambda step: step[1])
         if label != "reference"
     }
+    predict = Predictor(block, model.cls, bandwidth) if not bert and "pylomin" in contenders else None
     rows: list[dict[str, Any]] = []
     failed_at: dict[str, str] = {}
     OUT.mkdir(exist_ok=True)
@@ -135,15 +139,21 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if r.get("memory_note"):
                     print(f"    {r['resident_bytes'] / MIB:.0f} MiB resident; {r['memory_note']}", flush=True)
+                if predict is not None and key == "pylomin":
+                    r["predicted"] = predict(r, max(0, limit - extra))
+                    print(f"    predicted: {predict.line(r)}", flush=True)
     rows.sort(key=lambda r: (r["limit"], contenders.index(r["contender"])))
-    header = ["limit MiB", "% of model", "contender", "forward s", *([] if bert else ["decode tok/s"]), "charged MiB"]
+    guesses = ["predicted tok/s", "error"] if predict is not None else []
+    header = ["limit MiB", "% of model", "contender", "forward s", *([] if bert else ["decode tok/s"]), *guesses]
     lines = []
     for r in rows:
         pct = "ref" if r.get("reference") else "abs" if r["pct"] is None else r["pct"]
         speeds = [report.num(r.get("forward_s"), ".3f")] + ([] if bert else [report.num(r.get("decode_tps"), ".2f")])
+        guessed = [report.num(r.get("predicted", {}).get("tps"), ".2f"), Predictor.error(r)] if guesses else []
         charged = f"{r['max_usage'] / MIB:.0f}" if "max_usage" in r else "-"
-        lines.append([f"{r['limit'] / MIB:.0f}", pct, r["contender"], *speeds, charged, report.status(r)])
-    print("\n" + report.table([*header, "status"], "rrlrr" + "r" * (not bert) + "l", lines))
+        lines.append([f"{r['limit'] / MIB:.0f}", pct, r["contender"], *speeds, *guessed, charged, report.status(r)])
+    align = "rrlr" + "r" * (not bert) + "rr" * bool(guesses) + "rl"
+    print("\n" + report.table([*header, "charged MiB", "status"], align, lines))
     unit, rate = ("forward", "forwards/s") if bert else ("token", "tok/s")
     floor_lines = []
     for label, s in floors.items():
@@ -165,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     what = f"forward s: the second 1 x {SEQ} forward (the first where the status says one forward)."
     if not bert:
         what += f" decode tok/s: greedy generate() of {NEW_TOKENS} from {PROMPT_TOKENS}, the tokens after the first."
+    if predict is not None:
+        what += f" predicted: pylomin.estimate for the defaults ({predict.how}); error: predicted / measured - 1."
     what += " charged: the cgroup's high-water mark over the child's life. floor: max(0, model"
     what += f"{' - word embeddings' if bert else ''} - (limit - allowance)) / {bandwidth / MIB:.0f} MiB/s per {unit}."
     if not bert and not ref:
@@ -187,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     dump.update(allowance_run=extra_run, bandwidth=bandwidth, cpus=os.cpu_count(), timeout=args.timeout, runs=rows)
     dump.update(command=" ".join(["python -m benchmarks.ladder", *sys.argv[1:]]), floors=floors)
     dump.update(dict(limits_mib=absolute, reference_ratios=ratios) if absolute else {})
-    wrote = [OUT / ("bench_ladder_bert.json" if bert else "bench_ladder.json")]
+    dump.update(dict(estimate=predict.figures) if predict is not None else {})
+    # A smoke test never replaces the ladder's results.
+    wrote = [OUT / f"bench_ladder{'_bert' * bert}{'_quick' * args.quick}.json"]
     wrote[0].write_text(json.dumps(dump, indent=1))
     if not args.no_png and not limits:
         print("no chart: the chart shows the percentage limits, and there are none")
@@ -197,6 +211,52 @@ def main(argv: list[str] | None = None) -> int:
         report.ladder_chart(dump, LABELS, wrote[-1], SEQ)
     print(f"\nwrote {' and '.join(map(str, wrote))}; total {time.perf_counter() - t_start:.0f} s")
     return 0
+
+
+class Predictor:
+    """pylomin's speed estimate for its defaults at each limit: the disk the ladder's cold read, the compute a probe
+    run here once (uncapped), the memory what the child read before loading (else the limit less the allowance)."""
+
+    def __init__(self, folder: str, cls: str, bandwidth: float):
+        import pylomin
+
+        self.folder, self.cls, self.bandwidth = folder, f"transformers.{cls}", bandwidth
+        self.context = PROMPT_TOKENS + NEW_TOKENS
+        first = pylomin.estimate(folder, self.cls, memory=0, context=self.context, disk_bytes_per_s=bandwidth)
+        self.compute_s = first.compute_s
+        self.how = f"compute {self.compute_s:.3f} s per token: {first.notes[-1].removeprefix('compute: ')}"
+        self.figures = {"compute_s": self.compute_s, "disk_bytes_per_s": bandwidth, "notes": list(first.notes)}
+        print(f"speed estimate: {self.how}", flush=True)
+
+    def __call__(self, r: dict[str, Any], beside_allowance: int) -> dict[str, Any]:
+        """The estimate at the memory the child `r` read before loading, and at the limit less the allowance."""
+        import pylomin
+
+        given = dict(context=self.context, disk_bytes_per_s=self.bandwidth, compute_s=self.compute_s)
+        e = pylomin.estimate(self.folder, self.cls, memory=r.get("available_seen", beside_allowance), **given)
+        other = pylomin.estimate(self.folder, self.cls, memory=beside_allowance, **given)
+        return {
+            "memory": e.memory,
+            "tps": e.tokens_per_s,
+            "resident_bytes": e.resident_bytes,
+            "read_per_token": e.read_per_token,
+            "tps_beside_allowance": other.tokens_per_s,
+        }
+
+    @staticmethod
+    def error(r: dict[str, Any]) -> str:
+        """Predicted over measured tok/s, less 1, in %; "-" without both."""
+        guess, measured = r.get("predicted", {}).get("tps"), r.get("decode_tps")
+        return f"{guess / measured - 1:+.0%}" if guess and measured else "-"
+
+    def line(self, r: dict[str, Any]) -> str:
+        """The prediction for the child `r`, in words."""
+        p = r["predicted"]
+        return (
+            f"{p['tps']:.2f} tok/s ({self.error(r)}) at {p['memory'] / MIB:.0f} MiB read by the child: "
+            f"{p['resident_bytes'] / MIB:.0f} MiB resident, {p['read_per_token'] / MIB:.0f} MiB read per token; "
+            f"at the limit less the allowance {p['tps_beside_allowance']:.2f} tok/s"
+        )
 
 
 def reference_ratios(rows: list[dict[str, Any]]) -> list[str]:

@@ -115,7 +115,7 @@ def load_forward_generate(child: Child) -> None:
     x = torch.randint(0, child.vocab, (1, spec["seq"]), generator=g)
     prompt = torch.randint(0, child.vocab, (1, spec["prompt_tokens"]), generator=g)
     encoder = spec.get("kind") == "bert"  # an encoder: forwards only
-    r["limit_seen"] = internals.read_memory()[1]
+    r["available_seen"], r["limit_seen"] = internals.read_memory()  # what "auto" decides from, before the load
     with child.phase("load"):
         model = child.load()
         r.update(internals.memory_policy(model))
