@@ -70,28 +70,35 @@ def peak_above(window: Any, base: Any) -> dict[str, int]:
 
 
 class TokenClock:
-    """A `generate(streamer=...)` streamer: the time and `read_bytes` at every `put` (the first is the prompt)."""
+    """A `generate(streamer=...)` streamer: the time, `read_bytes` and tokens (per sequence) of every `put`.
+
+    The first put is the prompt. Plain decoding puts one token per sequence at a time (a 1-D tensor of
+    the batch's tokens); assisted decoding puts each verify pass's accepted tokens at once (`[1, n]`).
+    """
 
     def __init__(self) -> None:
         self.times: list[float] = []
         self.reads: list[int] = []
+        self.counts: list[int] = []
 
     def put(self, value: Any) -> None:
         self.times.append(time.perf_counter())
         self.reads.append(read_bytes())
+        self.counts.append(int(value.shape[-1]) if value.dim() == 2 else 1)
 
     def end(self) -> None:
         pass
 
     def summary(self) -> dict[str, Any]:
-        """Prefill seconds, decode tokens/s and mean bytes read per decode token (the tokens after the first)."""
-        t, r = self.times, self.reads
-        decode = len(t) - 2  # puts: the prompt, the first new token, then the decode tokens
-        deltas = [b - a for a, b in zip(r[1:], r[2:], strict=False)]
+        """Prefill seconds, decode tokens/s (per sequence) and mean bytes read per decode token: the tokens
+        after the first put of new ones."""
+        t, r, n = self.times, self.reads, self.counts
+        decode = sum(n[2:])  # puts: the prompt, the first new token(s), then the decode tokens
         return {
             "prefill_s": t[1] - t[0],
             "decode_tps": decode / (t[-1] - t[1]),
-            "read_per_token": sum(deltas) / len(deltas),
+            "read_per_token": (r[-1] - r[1]) / decode if decode else 0.0,
             "token_s": [b - a for a, b in zip(t, t[1:], strict=False)],
             "token_read": [b - a for a, b in zip(r, r[1:], strict=False)],
+            "put_tokens": n[1:],
         }

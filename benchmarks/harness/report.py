@@ -153,3 +153,49 @@ def ladder_chart(dump: dict[str, Any], labels: dict[str, str], path: Path, seq: 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def tokens_per_read_chart(dump: dict[str, Any], path: Path) -> None:
+    """Two panels from `benchmarks.speculative`: decode tok/s of the trained target under its limit per draft
+    (bars, acceptance on top), and decode tok/s against sequences per batch at each limit."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    ax = axes[0]
+    draft = dump.get("draft", {})
+    bars = [r for r in draft.get("rows", []) if r["contender"] != "memory" and r.get("tps")]
+    colors = {"continue": plt.get_cmap("tab10")(0), "rewrite": plt.get_cmap("tab10")(1)}
+    for i, r in enumerate(bars):
+        ax.bar(i, r["tps"], color=colors[r["task"]], alpha=0.5 if not r["draft"] else 1.0)
+        if r.get("acceptance") is not None:
+            ax.text(i, r["tps"], f"{r['acceptance']:.0%}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(
+        range(len(bars)), [r["name"].replace(": default", ":\n").replace(" + ", "+") for r in bars], fontsize=7
+    )
+    ax.set_ylabel("decode tokens/s")
+    limit = draft.get("limit")
+    ax.set_title(
+        f"drafts: the trained target under {limit / MIB:.0f} MiB (half of it + allowance)\n"
+        "pale: plain streamed decode; on top: the share of drafted tokens kept",
+        fontsize=9,
+    )
+    ax.grid(True, axis="y", alpha=0.3)
+    ax = axes[1]
+    batch = dump.get("batch", {})
+    rows = batch.get("rows", [])
+    for i, pct in enumerate(sorted({r["pct"] for r in rows if r["pct"] is not None}) + [None]):
+        got = sorted((r["batch"], r["decode_tps"]) for r in rows if r["pct"] == pct and r.get("decode_tps"))
+        if got:
+            xs, ys = zip(*got, strict=True)
+            label = "in memory (no limit)" if pct is None else f"{pct} % of the model + allowance"
+            ax.plot(xs, ys, "o-" if pct is not None else "k:", label=label, color=None if pct is None else f"C{i}")
+    ax.set_xlabel("sequences decoded together")
+    ax.set_ylabel("decode tokens/s, all sequences")
+    ax.set_title(f"batches: {batch.get('model', '')}, sequences of 256 tokens", fontsize=9)
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.suptitle(dump.get("command", ""), fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
