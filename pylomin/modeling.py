@@ -124,7 +124,7 @@ def kv_cache_bytes(config: Any, batch: int, tokens: int, dtype: torch.dtype = to
         kv_heads = getattr(text, "num_key_value_heads", None) or heads
         head_dim = getattr(text, "head_dim", None) or (hidden // heads if isinstance(hidden, int) else 0)
         per_token = 2 * kv_heads * head_dim
-    return layers * per_token * batch * tokens * torch.empty((), dtype=dtype).element_size()
+    return layers * per_token * batch * tokens * dtype.itemsize
 
 
 def pass_bytes(
@@ -142,7 +142,7 @@ def pass_bytes(
     hidden = getattr(text, "hidden_size", None)
     if not isinstance(hidden, int) or batch <= 0 or new <= 0:
         return 0
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     intermediate = max(
         [v for k in ("intermediate_size", "moe_intermediate_size") if isinstance(v := getattr(text, k, None), int)]
         or [4 * hidden]

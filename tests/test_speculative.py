@@ -55,7 +55,10 @@ def test_the_self_draft_is_the_models_int4_conversion_and_greedy_output_stays_th
     plain = _greedy(model, ids)
     assert torch.equal(plain, _greedy(ref, ids))
     assert torch.equal(_greedy(model, ids, assistant_model=draft), plain)
+    # transformers' other candidate generators over the same streamed model: prompt lookup, and early exit
+    # (the model's own first layers draft; their units are paged by the same hooks).
     assert torch.equal(_greedy(model, ids, prompt_lookup_num_tokens=3), plain)
+    assert torch.equal(_greedy(model, ids, assistant_early_exit=1), plain)
     # Once converted, the draft is found in the cache: a second call converts nothing.
     files = sorted(p for p in (tmp_path / "cache").rglob("*") if p.is_file())
     again = pylomin.self_draft(model)
