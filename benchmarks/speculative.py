@@ -9,11 +9,13 @@ contender in a fresh child under its limit (page cache dropped first):
   and bytes read (/proc/self/io), medians. With the defaults, and with the model's self-draft (int4,
   `pylomin.self_draft`) loaded beside it, sharing the memory.
 - `draft`: the target trained here on the Python standard library's source (`benchmarks.harness.trained`:
-  93 MB fp32; a 11 MB draft trained the same way) under the allowance + 50 % of the target. Greedy
-  generate() of NEW tokens from held-out prompts: plain, with the self-draft, with the trained draft;
-  and on an editing task (a held-out file, then the instruction to write it again), plain against
-  prompt lookup. Decode tok/s, acceptance (`pylomin.tools.generate.Stats`), bytes read per token;
-  tokens must equal plain decoding in memory.
+  93 MB fp32; an 11 MB draft trained the same way) under the allowance + 50 % of the target. Greedy
+  generate() of DRAFT_NEW tokens from DRAFT_PROMPTS windows in the middle of held-out files: plain,
+  with the self-draft, with the trained draft (transformers' assisted-decoding defaults: up to 20
+  tokens, stopping where the draft's confidence falls below 0.4), and both tuned (`TUNED`: 8 tokens
+  every time); on an editing task (a held-out file's start, then the instruction to write it again),
+  plain against prompt lookup and the self-draft. Decode tok/s, acceptance (`Passes` of
+  `pylomin.tools.generate`), bytes read per token; tokens must equal plain decoding in memory.
 - `batch`: the ladder's Llama under the allowance + 75 % and + 100 % of it: 1, 8 and 16 sequences of
   256 tokens (240 prompt + 16 new; 8 x 256 is 384 MiB of fp32 KV cache). Decode tok/s over all
   sequences; tokens must equal the in-memory model's. A batch whose KV cache cannot fit is told so by
@@ -47,10 +49,13 @@ from benchmarks.harness.paths import MIB, OUT, ROOT
 
 PARTS = ("verify", "draft", "batch")
 VERIFY_PROMPT, VERIFY_K, VERIFY_REPEATS = 64, 5, 3
-DRAFT_PROMPTS, DRAFT_PROMPT_TOKENS, DRAFT_NEW = 3, 48, 96
-REWRITE_TOKENS = 160  # tokens of the held-out file the editing task shows, and asks for again
+DRAFT_PROMPTS, DRAFT_PROMPT_TOKENS, DRAFT_NEW = 4, 48, 96
+REWRITE_TOKENS = 80  # tokens of the held-out file the editing task shows (the models trained on 256-token windows)
 BATCHES, BATCH_PROMPT, BATCH_NEW = (1, 8, 16), 240, 16
 BATCH_LIMITS = (75, 100)
+# The tuned draft rows: a streamed verify pass costs about the same for 1 or 8 tokens, so the draft
+# proposes 8 every time instead of stopping where its confidence falls below transformers' 0.4.
+TUNED = {"num_assistant_tokens": 8, "num_assistant_tokens_schedule": "constant", "assistant_confidence_threshold": 0.0}
 TOO_BIG = 64  # sequences of 256: a batch whose KV cache cannot fit under the 75 % limit
 
 
@@ -113,6 +118,8 @@ def measure_draft(child: Child) -> None:
     kwargs["pad_token_id"] = spec["eos"]
     if drafter is not None:
         kwargs["assistant_model"] = drafter
+        for key, value in (spec.get("assist") or {}).items():  # a tuned row: the draft's own generation config
+            setattr(drafter.generation_config, key, value)
     elif how == "lookup":
         kwargs["prompt_lookup_num_tokens"] = gen.LOOKUP_TOKENS
     runs = []
@@ -205,12 +212,27 @@ def part_verify(work: Path, quick: bool, timeout: float) -> dict[str, Any]:
     return {"model": model.name, "limit": limit, "allowance": extra, "rows": rows}
 
 
-def _rewrite_prompt(tokenizer: Any, path: Path) -> list[int]:
-    """The editing task: a held-out file's start, then the instruction to write it again, then its first line."""
-    text = trained.read(path)
-    head = tokenizer.decode(tokenizer(text)["input_ids"][:REWRITE_TOKENS])
-    first = head.splitlines()[0] if head.strip() else ""
-    return list(tokenizer(f"{head}\n\n# The same code, written again:\n{first}\n")["input_ids"])
+def _sources(tokenizer: Any, min_tokens: int) -> list[list[int]]:
+    """The token ids of the held-out files with at least `min_tokens` tokens, the encoding tables left out
+    (`encodings/cp*.py` are long runs of table rows any draft predicts)."""
+    out = []
+    for path in trained.heldout_files():
+        if "encodings" not in path.parts and len(ids := tokenizer(trained.read(path))["input_ids"]) >= min_tokens:
+            out.append(list(ids))
+    return out
+
+
+def _tasks(tokenizer: Any) -> dict[str, list[list[int]]]:
+    """`continue`: windows from the middle of held-out files (code, not license headers); `rewrite`: the
+    editing task: a file's start, the instruction to write it again, and its first line."""
+    sources = _sources(tokenizer, 4 * DRAFT_PROMPT_TOKENS)
+    middle = [ids[len(ids) // 2 : len(ids) // 2 + DRAFT_PROMPT_TOKENS] for ids in sources[:DRAFT_PROMPTS]]
+    rewrite = []
+    for ids in sources[DRAFT_PROMPTS : 2 * DRAFT_PROMPTS]:
+        head = tokenizer.decode(ids[:REWRITE_TOKENS])
+        first = head.splitlines()[0] if head.strip() else ""
+        rewrite.append(list(tokenizer(f"{head}\n\n# The same code, written again:\n{first}\n")["input_ids"]))
+    return {"continue": middle, "rewrite": rewrite}
 
 
 def part_draft(work: Path, quick: bool, timeout: float) -> dict[str, Any]:
@@ -224,13 +246,7 @@ def part_draft(work: Path, quick: bool, timeout: float) -> dict[str, Any]:
     info = json.loads((target / "train.json").read_text())
     extra, _ = runner.allowance("LlamaForCausalLM")
     limit = extra + models.nbytes(folder) // 2
-    files = trained.heldout_files()
-    tasks = {
-        "continue": [
-            list(tokenizer(p)["input_ids"]) for p in trained.prompts(DRAFT_PROMPTS, DRAFT_PROMPT_TOKENS, root)
-        ],
-        "rewrite": [_rewrite_prompt(tokenizer, f) for f in files[:DRAFT_PROMPTS]],
-    }
+    tasks = _tasks(tokenizer)
     base = {"cls": "LlamaForCausalLM", "src": str(target), "folders": {"block": str(folder)}}
     base.update(measure="benchmarks.speculative:measure_draft", draft_folder=str(draft_folder))
     base["eos"] = tokenizer.eos_token_id
@@ -246,13 +262,17 @@ def part_draft(work: Path, quick: bool, timeout: float) -> dict[str, Any]:
         ("continue", "default", None),
         ("continue", "default", "int4"),
         ("continue", "default", "trained"),
+        ("continue", "default", "int4 tuned"),
+        ("continue", "default", "trained tuned"),
         ("rewrite", "memory", None),
         ("rewrite", "default", None),
         ("rewrite", "default", "lookup"),
         ("rewrite", "default", "int4"),
     )
     for task, contender, how in runs:
-        spec = {**base, "contender": contender, "draft": how, "prompts": tasks[task]}
+        spec = {**base, "contender": contender, "draft": how and how.removesuffix(" tuned"), "prompts": tasks[task]}
+        if how and how.endswith(" tuned"):
+            spec["assist"] = TUNED
         name = f"{task}: {contender}{f' + {how}' if how else ''}"
         if contender == "memory":  # the reference tokens: in memory, no limit, no draft
             r = runner.spawn(spec, work, name=name.replace(" ", "").replace(":", "-"))
