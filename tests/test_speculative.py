@@ -51,6 +51,9 @@ def test_the_self_draft_is_the_models_int4_conversion_and_greedy_output_stays_th
     assert held.quantization is not None and str(held.quantization.scheme) == "int4-g64"
     assert held.quantization.modules and stream_of(draft).store.folder.is_relative_to(tmp_path / "cache")
     assert stream_of(draft).policy.plan.resident_bytes == held.nbytes  # kept whole: it runs every token
+    # It proposes 8 tokens at every pass: a streamed verify pass costs about the same for 1 or 8.
+    assert draft.generation_config.num_assistant_tokens == 8
+    assert draft.generation_config.assistant_confidence_threshold == 0.0
     ids = models.ids(batch=1, seq=8)
     plain = _greedy(model, ids)
     assert torch.equal(plain, _greedy(ref, ids))

@@ -162,19 +162,21 @@ def tokens_per_read_chart(dump: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     ax = axes[0]
     draft = dump.get("draft", {})
-    bars = [r for r in draft.get("rows", []) if r["contender"] != "memory" and r.get("tps")]
+    bars = [r for r in draft.get("rows", []) if r["contender"] == "share50" and r.get("tps")]
     colors = {"continue": plt.get_cmap("tab10")(0), "rewrite": plt.get_cmap("tab10")(1)}
     for i, r in enumerate(bars):
         ax.bar(i, r["tps"], color=colors[r["task"]], alpha=0.5 if not r["draft"] else 1.0)
         if r.get("acceptance") is not None:
             ax.text(i, r["tps"], f"{r['acceptance']:.0%}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(
-        range(len(bars)), [r["name"].replace(": default", ":\n").replace(" + ", "+") for r in bars], fontsize=7
+        range(len(bars)),
+        [f"{r['task']}:\n" + (r["draft"] or "plain").replace(" defaults", "\n(transformers'\ndefaults)") for r in bars],
+        fontsize=6,
     )
     ax.set_ylabel("decode tokens/s")
     limit = draft.get("limit")
     ax.set_title(
-        f"drafts: the trained target under {limit / MIB:.0f} MiB (half of it + allowance)\n"
+        f"drafts: the trained target, half of it resident, under {limit / MIB:.0f} MiB\n"
         "pale: plain streamed decode; on top: the share of drafted tokens kept",
         fontsize=9,
     )
@@ -187,14 +189,14 @@ def tokens_per_read_chart(dump: dict[str, Any], path: Path) -> None:
         if got:
             xs, ys = zip(*got, strict=True)
             label = "in memory (no limit)" if pct is None else f"{pct} % of the model + allowance"
-            ax.plot(xs, ys, "o-" if pct is not None else "k:", label=label, color=None if pct is None else f"C{i}")
+            ax.plot(xs, ys, "o-" if pct is not None else ":", label=label, color="k" if pct is None else f"C{i}")
     ax.set_xlabel("sequences decoded together")
     ax.set_ylabel("decode tokens/s, all sequences")
     ax.set_title(f"batches: {batch.get('model', '')}, sequences of 256 tokens", fontsize=9)
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.suptitle(dump.get("command", ""), fontsize=8)
+    fig.suptitle("python -m benchmarks.speculative", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

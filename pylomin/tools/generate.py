@@ -277,7 +277,7 @@ def _for_budget(e: Estimate, budget: int) -> Estimate:
 
 def _load_draft(draft: str, model_cls: Any, tokenizer: Any, revision: str | None) -> nn.Module:
     """A draft model from a folder or repo id, checked to share the model's tokens."""
-    from pylomin.runtime.streaming import load_streaming
+    from pylomin.runtime.streaming import load_streaming, propose_eagerly
 
     folder = _converted_folder(draft, model_cls, revision)
     try:
@@ -289,7 +289,7 @@ def _load_draft(draft: str, model_cls: Any, tokenizer: Any, revision: str | None
             f"--draft `{draft}`: its tokenizer's vocabulary differs from the model's; a draft must propose the "
             "same token ids (a smaller model of the same family), or use --draft int4 / lookup"
         )
-    return load_streaming(folder, model_cls)
+    return propose_eagerly(load_streaming(folder, model_cls))  # as the self-draft proposes
 
 
 def _report(stats: Stats, draft: str | None, expected: Estimate | None, memory: list[str]) -> list[str]:
