@@ -56,6 +56,22 @@ def llama() -> transformers.LlamaForCausalLM:
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
+def llama_quantizable() -> transformers.LlamaForCausalLM:
+    """A Llama whose MLPs (128 x 64) are large enough to be quantized (`llama()`'s are all kept as stored)."""
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
 HF_MODELS = {"bert": bert, "gpt2": gpt2, "llama": llama}
 
 

@@ -123,20 +123,8 @@ def test_a_draft_leaves_the_greedy_text_as_it_was_and_its_acceptance_is_reported
 def test_the_int4_self_draft_leaves_the_greedy_text_as_it_was(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # MLPs of 128 x 64: large enough to be quantized (the tiny test Llama's are all kept as stored).
-    cfg = transformers.LlamaConfig(
-        vocab_size=models.VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=0,
-        eos_token_id=1,
-    )
     torch.manual_seed(2)  # seed 0 ends at once (its first token is `</s>`)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    models.llama_quantizable().save_pretrained(tmp_path / "hf")
     models.tokenizer().save_pretrained(tmp_path / "hf")
     folder = pylomin.convert(tmp_path / "hf", tmp_path / "converted", progress=False)
     args = [str(folder), PROMPT, "--max-new-tokens", str(TOKENS), "--no-estimate", "--draft", "int4"]

@@ -17,20 +17,8 @@ from tests.test_layout import mixtral
 
 
 def _llama(folder: Path) -> Path:
-    # MLPs of 128 x 64: large enough to be quantized (the tiny test Llama's are kept as stored).
-    cfg = transformers.LlamaConfig(
-        vocab_size=models.VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=0,
-        eos_token_id=1,
-    )
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).eval().save_pretrained(folder / "hf")
+    models.llama_quantizable().save_pretrained(folder / "hf")
     return pylomin.convert(folder / "hf", folder / "fp32", progress=False)
 
 
