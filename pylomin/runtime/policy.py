@@ -378,7 +378,7 @@ class MemoryPolicy:
         held = self.plan.resident_bytes if self.copies else 0  # copies are not reclaimable pages
         memory = with_available(self.read(), held - self.resident_elsewhere())
         extra = max(0, reserve - self.headroom)
-        if extra and memory.available < reserve + self.headroom:
+        if urgent and memory.available < reserve + self.headroom:  # once per growth, not every second
             logger.warning(
                 "the next forward needs ~%.0f MiB for its KV cache and activations, and %.0f MiB are available"
                 " (%s): it may be killed for memory; use a smaller batch or a shorter context",
