@@ -104,6 +104,13 @@ def params_on_meta() -> Iterator[None]:
             nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
+def token_inputs(args: Any, kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+    """A root forward's tokens: `input_ids` (`[batch, tokens]`) or `inputs_embeds` (`[batch, tokens, hidden]`),
+    by keyword or as the first argument; None when it has neither."""
+    x = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+    return x if isinstance(x, torch.Tensor) else None
+
+
 def kv_cache_bytes(config: Any, batch: int, tokens: int, dtype: torch.dtype = torch.float32) -> int:
     """Bytes of the key/value cache a decoder of `config` holds for `batch` sequences of `tokens` tokens.
 

@@ -39,6 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.harness import report  # noqa: E402
+from benchmarks.harness.measure import cold_read_bandwidth, evict  # noqa: E402
 from benchmarks.harness.paths import MIB, MODELS, OUT  # noqa: E402
 from pylomin import _os  # noqa: E402
 
@@ -55,23 +56,6 @@ def write_file(path: Path, size: int) -> None:
             f.write(os.urandom(16 * MIB))
         f.flush()
         os.fsync(f.fileno())
-
-
-def drop(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def sequential(path: Path) -> float:
-    buf = memoryview(bytearray(16 * MIB))
-    t0 = time.perf_counter()
-    with open(path, "rb", buffering=0) as f:
-        while f.readinto(buf):
-            pass
-    return path.stat().st_size / (time.perf_counter() - t0)
 
 
 def ranges_of(size: int, length: int, total: int, seed: int) -> Ranges:
@@ -168,11 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     methods["pread 1"] = lambda r: pread(path, r, 1)
     for t in pools:
         methods[f"pread {t}"] = lambda r, t=t: pread(path, r, t)
-    seq = []
-    for _ in range(args.reps):
-        drop(path)
-        seq.append(sequential(path))
-    rows, dump = [], {"sequential": statistics.median(seq), "file_mib": args.file_mib, "cpus": os.cpu_count()}
+    sequential = cold_read_bandwidth([path], args.reps)
+    rows, dump = [], {"sequential": sequential, "file_mib": args.file_mib, "cpus": os.cpu_count()}
     for size in (float(s) for s in args.sizes.split(",")):
         length = int(size * MIB) // 4096 * 4096
         rates: dict[str, float] = {}
@@ -180,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             got = []
             for rep in range(args.reps):
                 ranges = ranges_of(path.stat().st_size, length, args.read_mib * MIB, seed=rep)
-                drop(path)
+                evict([path])
                 got.append(method(ranges))
             rates[name] = statistics.median(got)
         dump[str(size)] = rates
@@ -190,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"GB/s (x the sequential read), medians of {args.reps}; {args.read_mib} MiB of random ranges per pass")
     OUT.mkdir(exist_ok=True)
     (OUT / "bench_small_reads.json").write_text(json.dumps(dump, indent=1))
-    drop(path)
+    evict([path])
     return 0
 
 

@@ -41,15 +41,15 @@ def gpt2() -> transformers.GPT2LMHeadModel:
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
-def llama() -> transformers.LlamaForCausalLM:
+def llama(hidden: int = 32, intermediate: int = 64, positions: int = 64) -> transformers.LlamaForCausalLM:
     cfg = transformers.LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=32,
+        hidden_size=hidden,
         num_hidden_layers=3,
         num_attention_heads=4,
         num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
+        intermediate_size=intermediate,
+        max_position_embeddings=positions,
         bos_token_id=0,
         eos_token_id=1,
     )
@@ -58,18 +58,7 @@ def llama() -> transformers.LlamaForCausalLM:
 
 def llama_quantizable() -> transformers.LlamaForCausalLM:
     """A Llama whose MLPs (128 x 64) are large enough to be quantized (`llama()`'s are all kept as stored)."""
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=0,
-        eos_token_id=1,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return llama(hidden=64, intermediate=128, positions=128)
 
 
 HF_MODELS = {"bert": bert, "gpt2": gpt2, "llama": llama}

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pylomin.format.manifest import Range
+from pylomin.modeling import token_inputs
 from pylomin.runtime.policy import Plan, merge
 from pylomin.runtime.store import Store
 
@@ -57,8 +58,8 @@ class ExpertPaging:
         """Whether a pass of these inputs chooses most experts in every layer: T tokens routed to k
         of E experts each choose on average 1 - e^-2 = 86 % of them once T * k >= 2E; reading them
         ahead whole, overlapped with compute, then beats reading them once the router has chosen."""
-        ids = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
-        if not isinstance(ids, torch.Tensor):
+        ids = token_inputs(args, kwargs)
+        if ids is None:
             return False
         tokens = ids.shape[:-1].numel() if ids.is_floating_point() else ids.numel()
         return tokens * self.top_k >= 2 * self.per_layer

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from pylomin.modeling import pass_bytes
+from pylomin.modeling import pass_bytes, token_inputs
 from pylomin.runtime.pager import Pager
 from pylomin.runtime.policy import MemoryPolicy
 from pylomin.runtime.prefetch import Prefetcher, Recorder
@@ -141,8 +141,8 @@ class Lifecycle:
         """What this root forward will allocate: its KV cache growth and activations, from the model's
         config and the inputs' shape (0 for a model without a config or token inputs)."""
         config = getattr(self.root, "config", None)
-        ids = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
-        if config is None or not isinstance(ids, torch.Tensor) or ids.dim() < 2:
+        ids = token_inputs(args, kwargs)
+        if config is None or ids is None or ids.dim() < 2:
             return 0
         past = kwargs.get("past_key_values", kwargs.get("cache"))
         try:

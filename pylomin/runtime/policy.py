@@ -397,13 +397,13 @@ class MemoryPolicy:
         self._follow(new)
         return self.plan
 
-    def _decide(self, memory: Memory) -> Decision:
+    def _decide(self, memory: Memory, prefetch_units: int | None = None) -> Decision:
         return decide(
             memory,
             self.model_bytes,
             self.largest_streamed,
             headroom=self.headroom,
-            prefetch_units=self.prefetch_units,
+            prefetch_units=self.prefetch_units if prefetch_units is None else prefetch_units,
             prefetch_bytes=self.prefetch_bytes,
             drop_page_cache=self.asked_drop,
         )
@@ -419,14 +419,5 @@ class MemoryPolicy:
         `prefetch_units`: the most units read ahead (default: this policy's); a model loaded with
         `prefetch=0` only to ask can ask about the default's window.
         """
-        units = self.prefetch_units if prefetch_units is None else prefetch_units
-        decision = decide(
-            memory,
-            self.model_bytes,
-            self.largest_streamed,
-            headroom=self.headroom,
-            prefetch_units=units,
-            prefetch_bytes=self.prefetch_bytes,
-            drop_page_cache=self.asked_drop,
-        )
+        decision = self._decide(memory, prefetch_units)
         return decision, self.plan_for(decision.memory_budget, decision.prefetch_units)

@@ -337,12 +337,13 @@ class Passes:
     def __init__(self, model: nn.Module) -> None:
         self.count = 0
         self.tokens = 0
+        from pylomin.modeling import token_inputs  # torch: imported when a run starts, not for --help
+
+        self._token_inputs = token_inputs
         self._handle = model.register_forward_pre_hook(self._pre, with_kwargs=True)
 
     def _pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        x = kwargs.get("input_ids", args[0] if args else None)
-        if x is None:
-            x = kwargs.get("inputs_embeds")
+        x = self._token_inputs(args, kwargs)
         self.count += 1
         self.tokens += int(x.shape[1]) if x is not None else 1
 
