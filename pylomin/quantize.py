@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from pylomin.converter.compress import choose, quantize_weight
+from pylomin.converter.compress import choose
+from pylomin.converter.rounding import quantize_weight
 from pylomin.format.quant import Scheme, parse_scheme
 from pylomin.modeling import as_out_in
 from pylomin.runtime.quant import check_kernels, make_module

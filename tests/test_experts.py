@@ -11,7 +11,7 @@ import transformers
 
 import pylomin
 from pylomin.format import manifest as fmt
-from pylomin.runtime.experts import ExpertCache
+from pylomin.runtime.expert_cache import ExpertCache
 from pylomin.runtime.model import stream_of
 from tests import models
 from tests.test_layout import mixtral

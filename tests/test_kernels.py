@@ -11,7 +11,7 @@ from tests import python
 FORWARDS_AT_ODD_ADDRESSES = """
     import logging, torch
     from torch import nn
-    from pylomin.converter.compress import quantize_weight
+    from pylomin.converter.rounding import quantize_weight
     from pylomin.format.quant import parse_scheme
     from pylomin.runtime import quant
 
