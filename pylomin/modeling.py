@@ -173,6 +173,16 @@ def experts_count(module: nn.Module) -> int | None:
     return count
 
 
+# The fused tensors an experts forward multiplies by: gate and up concatenated (or up alone), then down.
+EXPERTS_TENSORS = ("gate_up_proj", "up_proj", "down_proj")
+
+
+def is_experts_module(module: nn.Module) -> bool:
+    """Whether `module` is one of transformers' experts modules whose forward is picked by the config
+    (`@use_experts_implementation`), the only ones pylomin's experts forward can stand in for."""
+    return hasattr(type(module).forward, "__wrapped__") and isinstance(getattr(module, "is_transposed", None), bool)
+
+
 def features(module: nn.Module) -> tuple[int, int] | None:
     """(out, in) of a layer pylomin can quantize: `nn.Linear` (weight [out, in]) or transformers' `Conv1D`
     (GPT-2's, weight [in, out]); None for any other module, or a subclass with its own forward."""
@@ -266,3 +276,26 @@ def check_layout(layout: dict[str, str] | None, model: nn.Module, folder: Path) 
             f"`{type(model).__name__}` differently (mapping {digest}, the folder's {layout['mapping']}). Convert the "
             f"checkpoint again: pylomin-convert SRC OUT_DIR --model-cls {type(model).__name__}"
         )
+
+
+def experts_routers(model: nn.Module) -> dict[nn.Module, nn.Module]:
+    """Experts modules -> their router: the one sibling (a child of the same parent) whose 2-D `weight` has a
+    row per expert ([E, hidden]: scores per expert). Experts modules whose router is not found are left out."""
+    out: dict[nn.Module, nn.Module] = {}
+    for parent in model.modules():
+        children = list(parent.children())
+        for experts in children:
+            count = experts_count(experts)
+            if count is None:
+                continue
+            routers = [
+                m
+                for m in children
+                if m is not experts
+                and isinstance(w := getattr(m, "weight", None), torch.Tensor)
+                and w.dim() == 2
+                and w.shape[0] == count
+            ]
+            if len(routers) == 1:
+                out[experts] = routers[0]
+    return out

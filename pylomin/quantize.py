@@ -4,18 +4,20 @@ from __future__ import annotations
 
 from torch import nn
 
-from pylomin.converter.compress import choose
+from pylomin.converter.compress import choose, choose_experts, quantize_experts
 from pylomin.converter.rounding import quantize_weight
 from pylomin.format.quant import Scheme, parse_scheme
 from pylomin.modeling import as_out_in
 from pylomin.runtime.quant import check_kernels, make_module
+from pylomin.runtime.quant_experts import swap_tensor_, use_quantized_experts
 
 
 def quantize_(model: nn.Module, scheme: str | Scheme) -> dict[str, str]:
-    """Quantize the Linear layers of an in-memory `model` in place (one layer at a time); returns the skipped ones.
+    """Quantize the Linear layers and fused experts of an in-memory `model` in place (one at a time); returns the skipped ones.
 
     The same layers and modules a converted folder gets, so an in-memory model and a streamed one
-    give identical outputs. A scheme this machine's kernels cannot run is refused first.
+    give identical outputs. Fused experts (transformers' experts modules) are quantized expert by
+    expert and run by pylomin's experts forward (`experts_implementation="pylomin"`). A scheme this machine's kernels cannot run is refused first.
 
     Args:
         model: a model in memory (changed in place).
@@ -23,7 +25,7 @@ def quantize_(model: nn.Module, scheme: str | Scheme) -> dict[str, str]:
             `head=True`, the LM head too), or the shorthand `"int8"`, `"int4"`, `"int4-g128"`.
 
     Returns:
-        The Linear layers left as they are, each with the reason (too small, tied, an odd width, the head).
+        The Linear layers (and fused experts tensors) left as they are, each with the reason (too small, tied, an odd width, the head).
 
     Example:
         >>> skipped = pylomin.quantize_(model, "int8")
@@ -39,4 +41,13 @@ def quantize_(model: nn.Module, scheme: str | Scheme) -> dict[str, str]:
         payload, scales = quantize_weight(as_out_in(layer, layer.weight), scheme)  # on the CPU
         device = layer.weight.device
         setattr(owner, attr, make_module(layer, scheme, payload.to(device), scales.to(device)))
-    return skipped
+    experts, skipped_experts = choose_experts(model, scheme)
+    for fused in experts:  # per expert, each fused tensor at a time
+        module = model.get_submodule(fused.module)
+        weight = module._parameters[fused.attr]
+        assert weight is not None
+        payload, scales = quantize_experts(weight.detach().cpu(), scheme, transposed=fused.transposed)
+        swap_tensor_(module, fused.attr, payload.to(weight.device), scales.to(weight.device))
+    if experts:
+        use_quantized_experts(model, list({model.get_submodule(f.module): None for f in experts}))
+    return {**skipped, **skipped_experts}

@@ -198,11 +198,23 @@ def evict(files: list[Path]) -> None:
 
 
 def chosen_experts(model: nn.Module) -> dict[str, set[int]]:
-    """Records, per Mixtral experts module of `model`, the experts its router chooses in each forward from now on."""
+    """Records, per experts module of `model`, the experts its router chooses in each forward from now on."""
+    from pylomin.modeling import experts_count
+
     chosen: dict[str, set[int]] = {}
     for name, module in model.named_modules():
-        if type(module).__name__ == "MixtralExperts":
+        if experts_count(module) is not None:
             module.register_forward_pre_hook(
                 lambda m, args, name=name: chosen.setdefault(name, set()).update(args[1].unique().tolist())
             )
     return chosen
+
+
+def load_unguessed(folder: Path, cls: Any, **kwargs: Any) -> Any:
+    """`pylomin.load_streaming(folder, cls, **kwargs)` with each layer's experts read only once its router has chosen,
+    never guessed ahead from the layer before (`Options.expert_guessing=False`)."""
+    import dataclasses
+
+    from pylomin.runtime import options, streaming
+
+    return streaming.load(folder, cls, dataclasses.replace(options.Options.check(**kwargs), expert_guessing=False))

@@ -481,3 +481,19 @@ def inputs(model) -> dict[str, torch.Tensor]:
     if name == "past_values":  # time series (TimesFM)
         return {"past_values": torch.randn(2, _get(config, "context_length"), generator=g)}
     raise NotImplementedError(f"main input {name!r}")
+
+
+def moe_keys() -> list[str]:
+    """The registry keys whose model uses transformers' experts modules (`@use_experts_implementation`): read
+    from the class's source file, as transformers decides whether an experts implementation can be set."""
+    import inspect
+    import sys
+
+    keys = []
+    for key in conversion_keys():
+        if key in SKIP:
+            continue
+        cls = model_class(key)
+        if "@use_experts_implementation" in inspect.getsource(sys.modules[cls.__module__]):
+            keys.append(key)
+    return keys

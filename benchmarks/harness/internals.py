@@ -57,6 +57,12 @@ def load_experts_whole(path: str, cls: Any, **kwargs: Any) -> Any:
     return streaming.load(path, cls, dataclasses.replace(options.Options.check(**kwargs), expert_paging=False))
 
 
+def load_experts_unguessed(path: str, cls: Any, **kwargs: Any) -> Any:
+    """`load_streaming(path, cls, **kwargs)` with each layer's experts read only once its router has chosen, never
+    guessed ahead from the layer before (`pylomin.runtime.streaming.load` with `Options.expert_guessing=False`)."""
+    return streaming.load(path, cls, dataclasses.replace(options.Options.check(**kwargs), expert_guessing=False))
+
+
 def staging() -> tuple[Any, Any, Any]:
     """(Store, Stager, PinnedCopy): a converted folder's mapped files, the unit stager, the pinned ring to a device
     (`pylomin.runtime.store`, `pylomin.runtime.stage`)."""

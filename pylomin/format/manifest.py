@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 from pylomin.errors import PylominError
 from pylomin.format.header import SAFETENSORS_DTYPES, TensorInfo
-from pylomin.format.quant import Quantization
+from pylomin.format.quant import Quantization, scales_name
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +161,13 @@ def read(folder: str | os.PathLike[str]) -> Manifest:
                 raise PylominError(
                     f"`{path}`: quantized module `{module}` has no stored `{attr}`; convert the model again"
                 )
+    for module, tensors in manifest.quantization.experts.items() if manifest.quantization else []:
+        for name in (f"{module}.{attr}" for attr in tensors):
+            for stored_name in (name, scales_name(name)):
+                if stored_name not in stored:
+                    raise PylominError(
+                        f"`{path}`: quantized experts tensor `{stored_name}` is not stored; convert the model again"
+                    )
     for alias, target in manifest.aliases.items():
         if target not in stored:
             raise PylominError(f"`{path}`: alias `{alias}` points to `{target}`, which no unit stores")

@@ -107,6 +107,10 @@ class Quantization:
 
     scheme: Scheme
     modules: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> in/out features, source dtype
+    # Fused experts modules -> their quantized tensors: attribute -> experts, out and in features of one
+    # expert, whether the source held each expert [in, out] (`transposed`), source dtype. Stored per
+    # expert: `attr` the payloads [E, *payload], `attr_scales` their scales [E, *scales] (`stored_shapes`).
+    experts: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # Linear layers left as stored, and why
     pack: str | None = None  # int4: a digest of torch's packed layout on the converting machine
     torch_version: str = torch.__version__
@@ -119,6 +123,7 @@ class Quantization:
             "pack": self.pack,
             "torch": self.torch_version,
             "modules": self.modules,
+            "experts": self.experts,
             "skipped": self.skipped,
         }
 
@@ -134,11 +139,18 @@ class Quantization:
         for module, spec in doc["modules"].items():
             if not isinstance(spec, dict) or not all(type(spec.get(k)) is int for k in ("in_features", "out_features")):
                 raise TypeError(f"quantized module `{module}` needs integer `in_features` and `out_features`")
+        experts = doc.get("experts") or {}
+        for module, tensors in experts.items():
+            for attr, spec in tensors.items() if isinstance(tensors, dict) else [(None, None)]:
+                keys = ("count", "out_features", "in_features")
+                if not isinstance(spec, dict) or not all(type(spec.get(k)) is int for k in keys):
+                    raise TypeError(f"quantized experts `{module}.{attr}` need integer {', '.join(keys)}")
         head = bool(doc.get("head"))
         skipped = {str(k): str(v) for k, v in (doc.get("skipped") or {}).items()}
         return cls(
             Int8WeightOnly(head) if name == "int8" else Int4WeightOnly(group, head),
             dict(doc["modules"]),
+            {str(k): dict(v) for k, v in experts.items()},
             skipped,
             doc.get("pack"),
             str(doc["torch"]),
@@ -150,6 +162,11 @@ def stored_shapes(out_features: int, in_features: int, scheme: Scheme) -> tuple[
     if isinstance(scheme, Int8WeightOnly):
         return (out_features, in_features), (out_features,)
     return (out_features, in_features // 2), (in_features // scheme.group_size, out_features, 2)
+
+
+def scales_name(payload: str) -> str:
+    """The stored name of a quantized experts tensor's scales (`...experts.down_proj` -> `...experts.down_proj_scales`)."""
+    return f"{payload}_scales"
 
 
 def payload_dtype(scheme: Scheme) -> torch.dtype:

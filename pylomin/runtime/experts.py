@@ -6,12 +6,18 @@ module starts, the experts the router chose that are not kept are read, exactly 
 `ExpertCache` (a pure policy) decides which stay resident between uses within the budget the plan
 leaves them. A prompt pass, whose tokens choose most experts of every layer, reads whole layers ahead
 with the reader instead (`reads_all_experts`).
+
+Experts read before the router asks: when the router of layer L runs, its input (the hidden state,
+normed for routing) goes through the next layer's router weights too (a copy kept in memory), and the
+experts that guess picks are queued for reading while layer L computes (`predict`). When layer L+1's
+router has chosen, what it chose and was not guessed is read at once; what was guessed and not chosen
+is dropped. A wrong guess costs bytes, never correctness: the forward only ever uses what its router chose.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -21,6 +27,18 @@ from pylomin.modeling import token_inputs
 from pylomin.runtime.expert_cache import ExpertCache
 from pylomin.runtime.policy import Plan, merge
 from pylomin.runtime.store import Store
+
+
+class Chosen(NamedTuple):
+    """What one call of an experts module read: the experts its router chose, how many were kept already,
+    the bytes of the others (`read`: read ahead on a guess or now), the bytes read ahead on a guess
+    (`guessed`), and of those not chosen (`wasted`)."""
+
+    experts: list[int]
+    hits: int
+    read: int
+    guessed: int = 0
+    wasted: int = 0
 
 
 class ExpertPaging:
@@ -46,6 +64,14 @@ class ExpertPaging:
             plan.expert_cache_bytes,
             {g: sum(plan.experts[n].stride for n in names) for g, names in enumerate(self.names)},
         )
+        # Router module of layer L -> (group of layer L+1, its router's weight [E, hidden]); see `predict`.
+        self.next: dict[nn.Module, tuple[int, torch.Tensor]] = {}
+        self.guessed: dict[int, set[int]] = {}  # per group: the experts read ahead for its next call
+
+    def predict_with(self, routers: list[tuple[nn.Module, nn.Module, torch.Tensor]]) -> None:
+        """Guess each experts module's choice from the router before it: (router of layer L, experts module
+        of layer L+1, the weight of layer L+1's router, in memory)."""
+        self.next = {router: (self.group[experts], weight) for router, experts, weight in routers}
 
     def replan(self, plan: Plan) -> None:
         """Follow a new plan (under the lock): the cache shrinks or grows to what it leaves the experts."""
@@ -73,21 +99,49 @@ class ExpertPaging:
                 out[i] = merge([*self.plan.ranges[i], *(self.store.location(n) for n in fused)])
         return out
 
-    def read_chosen(self, module: nn.Module, index: torch.Tensor, *, read_ahead: bool) -> tuple[list[int], int, int]:
+    def predict(self, router: nn.Module, hidden: torch.Tensor) -> None:
+        """Layer L's `router` is about to run on `hidden` ([..., hidden]): queue reads of the experts the
+        next layer's router would choose from it, unless kept or every expert is resident."""
+        following = self.next.get(router)
+        if following is None:
+            return
+        group, weight = following
+        if all(name in self.plan.resident for name in self.names[group]):
+            return
+        with torch.no_grad():
+            scores = torch.nn.functional.linear(hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype), weight)
+            guess = {int(e) for e in scores.topk(min(self.top_k, scores.shape[-1]), dim=-1).indices.unique().tolist()}
+        with self.lock:
+            guess -= self.cache.kept_in(group)
+            self.guessed[group] = self.guessed.get(group, set()) | guess
+        self.store.will_need([r for n in self.names[group] for r in self.plan.experts[n].ranges(sorted(guess))])
+
+    def read_chosen(self, module: nn.Module, index: torch.Tensor, *, read_ahead: bool) -> Chosen:
         """The router chose `index` ([tokens, k]): read the chosen experts the cache does not keep (none
-        when the reader read the whole layer ahead); returns (chosen, hits, bytes read)."""
+        when the reader read the whole layer ahead), and drop those guessed and not chosen."""
         self.top_k = index.shape[-1] if index.dim() else 1
         group = self.group[module]
+        with self.lock:
+            guessed = self.guessed.pop(group, set())
         if all(name in self.plan.resident for name in self.names[group]):
-            return [], 0, 0  # every expert resident
+            return Chosen([], 0, 0)  # every expert resident
         chosen = [int(e) for e in torch.unique(index).tolist()]
         with self.lock:
             misses, dropped = self.cache.use(group, chosen)
+            kept = self.cache.kept_in(group)
         for g, e in dropped:  # no longer among the most used: its pages go like a streamed unit's
             self._drop(g, e)
-        ranges = [] if read_ahead else [r for n in self.names[group] for r in self.plan.experts[n].ranges(misses)]
+        wasted = sorted(guessed - set(chosen) - kept)
+        for e in wasted:
+            self._drop(group, e)
+        size = self.cache.sizes[group]
+        if read_ahead:
+            return Chosen(chosen, len(chosen) - len(misses), 0)
+        ranges = [r for n in self.names[group] for r in self.plan.experts[n].ranges(misses)]
         self.store.read_exactly(ranges)
-        return chosen, len(chosen) - len(misses), sum(r.length for r in ranges)
+        return Chosen(
+            chosen, len(chosen) - len(misses), sum(r.length for r in ranges), len(guessed) * size, len(wasted) * size
+        )
 
     def ranges_to_drop(self, stored_name: str) -> list[Range] | None:
         """The byte ranges of a released fused tensor to drop: all but the kept experts (None: not fused)."""

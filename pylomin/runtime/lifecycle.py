@@ -5,6 +5,7 @@
        │                           a new plan → pager.replan, reader.resize;
        │                           reader.begin_pass (reads the first units ahead)
        │  each unit ──▶ enter ── reader.enter (waits for its read) → pager.hold(token)
+       │                 │       router: guess the next layer's experts, queue their reads
        │                 │       experts module: read the experts the router chose
        │                 ▼
        │              leave ──── pager.give_back(token); the frame leaves the thread's stack
@@ -89,6 +90,8 @@ class Lifecycle:
         if self.pager.experts is not None:
             for module in self.pager.experts.group:
                 hooks.append(module.register_forward_pre_hook(self._read_chosen_experts, with_kwargs=True))
+            for router in self.pager.experts.next:
+                hooks.append(router.register_forward_pre_hook(self._guess_next_experts, with_kwargs=True))
         for module in self.pager.owned:
             # A partial, not the bound method: torch marks the hook with an attribute.
             hooks.append(module.register_state_dict_post_hook(functools.partial(self.pager.real_state)))
@@ -228,6 +231,20 @@ class Lifecycle:
         t0 = time.perf_counter_ns() if rec is not None else 0
         # Read ahead whole with the unit in a prompt pass (waited for in `_enter`).
         whole = self.reader is not None and self.reader.reads_all_experts and module in self.index
-        chosen, hits, nbytes = experts.read_chosen(module, index, read_ahead=whole)
-        if rec is not None and chosen and module in self.index:
-            rec.experts(self.index[module], t0, time.perf_counter_ns(), chosen=chosen, hits=hits, nbytes=nbytes)
+        got = experts.read_chosen(module, index, read_ahead=whole)
+        if rec is not None and got.experts and module in self.index:
+            rec.experts(self.index[module], t0, time.perf_counter_ns(), got)
+
+    def _guess_next_experts(self, router: nn.Module, args: Any, kwargs: Any) -> None:
+        # A router's input, before it runs: the next layer's experts are guessed from it and read ahead
+        # while this layer computes; not in a pass that reads whole layers ahead anyway.
+        experts = self.pager.experts
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if (
+            experts is None
+            or not isinstance(hidden, torch.Tensor)
+            or self.reader is not None
+            and self.reader.reads_all_experts
+        ):
+            return
+        experts.predict(router, hidden)

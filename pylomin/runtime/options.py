@@ -23,6 +23,9 @@ class Options:
     # Fused experts paged per expert (the router's choice); False reads them with their layer, like
     # any other tensor: only for benchmarks that compare the two.
     expert_paging: bool = True
+    # The next layer's experts guessed from this layer's router input and read ahead (per-expert
+    # paging only); False waits for each router: only for benchmarks that compare the two.
+    expert_guessing: bool = True
 
     @classmethod
     def check(

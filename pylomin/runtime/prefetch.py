@@ -8,11 +8,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pylomin.errors import PylominError
 from pylomin.format.manifest import Range
 from pylomin.runtime.store import Store
+
+if TYPE_CHECKING:
+    from pylomin.runtime.experts import Chosen
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +31,7 @@ class Recorder(Protocol):
 
     def end_compute(self, target: int, now_ns: int) -> None: ...
 
-    def experts(
-        self, target: int, start_ns: int, end_ns: int, *, chosen: list[int], hits: int, nbytes: int
-    ) -> None: ...
+    def experts(self, target: int, start_ns: int, end_ns: int, chosen: Chosen) -> None: ...
 
 
 @dataclass(eq=False)

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pylomin.errors import PylominError
@@ -27,14 +26,9 @@ from pylomin.format.quant import (
     payload_dtype,
     stored_shapes,
 )
-from pylomin.modeling import features
-
-# From this many rows of activations (a prompt) the int8 weight is cast to bf16 and run by bf16
-# F.linear: the int8 kernel's time grows with the rows, the cast's does not. Measured (the machine of
-# docs/benchmarks.md) on its 1.4 GiB Llama quantized in memory, one forward of 32 / 64 / 96 / 128 tokens: kernel
-# 0.22 / 0.40 / 0.55 / 0.71 s, cast 0.35 / 0.42 / 0.45 / 0.54 s (fp32: 0.45 s at 128). (A lone
-# 2816x1024 product crosses over at 32 rows, its weight hot in cache; in a model it comes from RAM.)
-PROMPT_ROWS = 64
+from pylomin.modeling import features, is_experts_module
+from pylomin.runtime.kernels import int4_matmul, int8_matmul
+from pylomin.runtime.quant_experts import swap_tensor_, use_quantized_experts
 
 
 class QuantLinear(nn.Module):
@@ -81,24 +75,7 @@ class Int8Linear(QuantLinear):
     scheme = Int8WeightOnly()
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.shape[0] < PROMPT_ROWS:
-            x = x.to(KERNEL_DTYPE).contiguous()
-            weight: torch.Tensor = self.weight
-            # The kernel segfaults (torch 2.13, measured) on a bf16 input not 32-byte aligned with
-            # AVX-512, not 16 with AVX2, even one row; and on an int8 weight not 16-byte aligned with
-            # AVX-512, from 4 rows. Its result does not depend on the address, so what is not aligned
-            # is copied: torch allocates at 64 bytes. (A weight lies unaligned in a unit file written
-            # before pylomin aligned every tensor to 64 bytes.)
-            if x.data_ptr() % 32:
-                x = x.clone()
-            if weight.data_ptr() % 16:
-                weight = weight.clone()
-            return torch.ops.aten._weight_int8pack_mm(x, weight, self.scales)
-        # Prompts on the CPU, and CUDA: the int8 values cast (bf16 on the CPU) and the scales applied
-        # to the output, [rows, out], not to the weight, [out, in]: one pass over the weight fewer,
-        # and the weight's passes are what a prompt's time goes to here (memory-bound).
-        dtype = KERNEL_DTYPE if x.device.type == "cpu" else x.dtype
-        return F.linear(x.to(dtype), self.weight.to(dtype)).float() * self.scales.float()  # scaled in fp32
+        return int8_matmul(x, self.weight, self.scales)
 
 
 class Int4Linear(QuantLinear):
@@ -111,13 +88,7 @@ class Int4Linear(QuantLinear):
         self.scheme = Int4WeightOnly(group_size)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":
-            raise PylominError(
-                f"int4 layers hold the packed layout of torch's CPU kernel, which {x.device} cannot run; "
-                "run the model on the CPU, or quantize it with int8 for a GPU"
-            )
-        g = self.scheme.group_size
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(KERNEL_DTYPE).contiguous(), self.weight, g, self.scales)
+        return int4_matmul(x, self.weight, self.scales, self.scheme.group_size)
 
 
 def make_module(layer: nn.Module, scheme: Scheme, payload: torch.Tensor, scales: torch.Tensor) -> QuantLinear:
@@ -143,7 +114,7 @@ def prepare_(model: nn.Module, quantization: Quantization, folder: Path, device:
 
 
 def swap_(model: nn.Module, quantization: Quantization, folder: object) -> None:
-    """Replace the Linear layers a folder holds quantized by quantized layers on meta."""
+    """Replace the Linear layers and fused experts tensors a folder holds quantized by quantized ones on meta."""
     scheme = quantization.scheme
     for name, spec in quantization.modules.items():
         parent, _, attr = name.rpartition(".")
@@ -163,6 +134,36 @@ def swap_(model: nn.Module, quantization: Quantization, folder: object) -> None:
         payload = torch.empty(payload_shape, dtype=payload_dtype(scheme), device="meta")
         scales = torch.empty(scales_shape, dtype=KERNEL_DTYPE, device="meta")
         setattr(owner, attr, make_module(layer, scheme, payload, scales))
+    swapped = []
+    for name, tensors in quantization.experts.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            module = None
+        for attr, spec in tensors.items():
+            count, out_features, in_features = spec["count"], spec["out_features"], spec["in_features"]
+            transposed = bool(spec.get("transposed"))
+            p = getattr(module, "_parameters", {}).get(attr)
+            want = (count, in_features, out_features) if transposed else (count, out_features, in_features)
+            if (
+                module is None
+                or not is_experts_module(module)
+                or p is None
+                or tuple(p.shape) != want
+                or module.is_transposed != transposed
+            ):
+                raise PylominError(
+                    f"`{folder}` holds `{name}.{attr}` quantized as {count} experts of {list(want[1:])}, which "
+                    f"`{type(model).__name__}` does not have; load it with the class it was converted for"
+                )
+            payload_shape, scales_shape = stored_shapes(out_features, in_features, scheme)
+            payload = torch.empty((count, *payload_shape), dtype=payload_dtype(scheme), device="meta")
+            scales = torch.empty((count, *scales_shape), dtype=KERNEL_DTYPE, device="meta")
+            swap_tensor_(module, attr, payload, scales)
+        if module is not None:
+            swapped.append(module)
+    if swapped:
+        use_quantized_experts(model, swapped)
 
 
 _CHECKED: dict[str, str | None] = {}

@@ -172,6 +172,13 @@ class Store:
         for span in spans:
             self._populate(*span)
 
+    def will_need(self, ranges: list[fmt.Range]) -> None:
+        """Queue reads of these ranges and return: `read_exactly` later finds them read or in flight."""
+        for file, offset, length in ranges:
+            m = self._maps.get(file)
+            if m is not None and length > 0:
+                self._will_need(file, *_os.page_range(offset, length, len(m)))
+
     def _will_need(self, file: str, begin: int, end: int) -> None:
         """Queue reads of `[begin, end)` without waiting for them.
 

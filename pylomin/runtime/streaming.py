@@ -7,6 +7,7 @@ hooks whose pass lifecycle pages everything else in and out (`lifecycle`, `pager
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
@@ -22,7 +23,14 @@ from pylomin._os import Memory
 from pylomin.errors import PylominError
 from pylomin.format import manifest as fmt
 from pylomin.format.quant import Scheme, parse_scheme
-from pylomin.modeling import build_on_meta, check_layout, experts_count, fused_experts, resolve_model_cls
+from pylomin.modeling import (
+    build_on_meta,
+    check_layout,
+    experts_count,
+    experts_routers,
+    fused_experts,
+    resolve_model_cls,
+)
 from pylomin.runtime.experts import ExpertPaging
 from pylomin.runtime.lifecycle import Lifecycle
 from pylomin.runtime.model import Stream, bind, pop_stream, set_stream, stored_dtype, stream_of
@@ -266,6 +274,8 @@ def attach_(
         if experts:
             top_k = int(getattr(getattr(model, "config", None), "num_experts_per_tok", 0) or 2)
             pager.experts = ExpertPaging(store, experts, plan, top_k, pager.lock)
+            if options.expert_guessing:
+                pager.experts.predict_with(_guessing(model, list(experts), stored, store))
         for where in plan.random_access:
             store.random_access(where)
         pager.fault_in(pager.pin())
@@ -288,6 +298,24 @@ def attach_(
     cleanup = weakref.finalize(model, _close, reader, store, folder if remove_folder else None)
     set_stream(model, Stream(store, policy, lifecycle, reader, type(model), device, restore, cleanup))
     return model
+
+
+def _guessing(
+    model: nn.Module, experts: list[nn.Module], stored: dict[tuple[nn.Module, str], str], store: Store
+) -> list[tuple[nn.Module, nn.Module, torch.Tensor]]:
+    """(router of an experts module, the next experts module, a copy of the next one's router weight in memory)
+    for each pair of consecutive experts modules whose routers are found and hold float weights."""
+    routers = experts_routers(model)
+    out = []
+    for before, after in itertools.pairwise(experts):
+        router, following = routers.get(before), routers.get(after)
+        name = stored.get((following, "weight")) if following is not None else None
+        if router is None or name is None:
+            continue
+        weight = store.view(name)
+        if weight.is_floating_point() and weight.dim() == 2:
+            out.append((router, after, weight.clone()))  # [E, hidden]: a few hundred KiB a layer
+    return out
 
 
 def _reader(store: Store, pager: Pager, plan: Plan, copy: Copy | None) -> Prefetcher:

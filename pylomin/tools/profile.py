@@ -15,13 +15,16 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch import nn
 
+    from pylomin.runtime.experts import Chosen
+
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Span:
     """One timed piece of work on one unit: `read` (reader thread), `wait`, `load`, `compute`, `release`,
-    or `experts` (reading the experts the router chose: `experts` lists them, `hits` were kept already)."""
+    or `experts` (reading the experts the router chose: `experts` lists them, `hits` were kept already,
+    `guessed` bytes were read ahead on a guess of this layer's choice, `wasted` of them not chosen)."""
 
     unit: str
     kind: str
@@ -31,6 +34,8 @@ class Span:
     nbytes: int = 0
     experts: tuple[int, ...] = ()
     hits: int = 0
+    guessed: int = 0
+    wasted: int = 0
 
     @property
     def seconds(self) -> float:
@@ -52,9 +57,20 @@ class Profile:
     def add(self, target: int, kind: str, start_ns: int, end_ns: int, *, nbytes: int = 0) -> None:
         self.spans.append(Span(self.names[target], kind, start_ns, end_ns, threading.get_ident(), nbytes))
 
-    def experts(self, target: int, start_ns: int, end_ns: int, *, chosen: list[int], hits: int, nbytes: int) -> None:
+    def experts(self, target: int, start_ns: int, end_ns: int, chosen: Chosen) -> None:
         self.spans.append(
-            Span(self.names[target], "experts", start_ns, end_ns, threading.get_ident(), nbytes, tuple(chosen), hits)
+            Span(
+                self.names[target],
+                "experts",
+                start_ns,
+                end_ns,
+                threading.get_ident(),
+                chosen.read,
+                tuple(chosen.experts),
+                chosen.hits,
+                chosen.guessed,
+                chosen.wasted,
+            )
         )
 
     def begin_compute(self, target: int, now_ns: int) -> None:
@@ -70,7 +86,9 @@ class Profile:
     def totals(self) -> dict[str, float]:
         """Seconds per kind of span, summed, plus `wall`, `read_bytes` and `read_gbps`; for
         mixture-of-experts models also `expert_bytes` (read for the chosen experts), `expert_lookups`
-        (experts chosen), `expert_hits` (of which were kept resident already) and `expert_hit_rate`."""
+        (experts chosen), `expert_hits` (of which were kept resident already), `expert_hit_rate`,
+        `expert_guessed_bytes` (read ahead on a guess of the next layer's choice) and `expert_wasted_bytes`
+        (guessed and not chosen)."""
         out: dict[str, float] = {k: 0.0 for k in ("read", "wait", "load", "compute", "release", "experts")}
         for s in self.spans:
             out[s.kind] = out.get(s.kind, 0.0) + s.seconds
@@ -87,6 +105,21 @@ class Profile:
         out["expert_lookups"] = float(sum(len(s.experts) for s in experts))
         out["expert_hits"] = float(sum(s.hits for s in experts))
         out["expert_hit_rate"] = out["expert_hits"] / out["expert_lookups"] if out["expert_lookups"] else 0.0
+        out["expert_guessed_bytes"] = float(sum(s.guessed for s in experts))
+        out["expert_wasted_bytes"] = float(sum(s.wasted for s in experts))
+        return out
+
+    def experts_by_layer(self) -> dict[str, dict[str, int]]:
+        """Per experts module: bytes `read` for its chosen experts (not kept), `guessed` (read ahead on a
+        guess, right or wrong) and `wasted` (guessed, not chosen), and `calls`."""
+        out: dict[str, dict[str, int]] = {}
+        for s in self.spans:
+            if s.kind == "experts":
+                row = out.setdefault(s.unit, {"calls": 0, "read": 0, "guessed": 0, "wasted": 0})
+                row["calls"] += 1
+                row["read"] += s.nbytes
+                row["guessed"] += s.guessed
+                row["wasted"] += s.wasted
         return out
 
     def verdict(self) -> str:
@@ -106,6 +139,11 @@ class Profile:
                 f"; experts: {t['expert_lookups']:.0f} chosen, {t['expert_hit_rate']:.0%} kept resident,"
                 f" {t['expert_bytes'] / 2**20:.0f} MiB read for the others"
             )
+            if t["expert_guessed_bytes"]:
+                right = 1 - t["expert_wasted_bytes"] / t["expert_guessed_bytes"]
+                line += (
+                    f" ({t['expert_guessed_bytes'] / 2**20:.0f} MiB read ahead on a guess, {right:.0%} of it chosen)"
+                )
         return line
 
     def _threads(self) -> list[tuple[int, str]]:
@@ -132,7 +170,11 @@ class Profile:
                     "pid": pid,
                     "tid": s.thread,
                     "args": {"kind": s.kind, "bytes": s.nbytes}
-                    | ({"experts": list(s.experts), "kept": s.hits} if s.kind == "experts" else {}),
+                    | (
+                        {"experts": list(s.experts), "kept": s.hits, "guessed": s.guessed, "wasted": s.wasted}
+                        if s.kind == "experts"
+                        else {}
+                    ),
                 }
             )
         return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": {"verdict": self.verdict()}}

@@ -1,0 +1,49 @@
+"""Fused experts quantized per expert: every MoE architecture of the registry, streamed == in memory quantized."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+import pylomin
+from pylomin.format import manifest as fmt
+from tests import models, tiny_models
+from tests.test_layout import PARENT_READS, tensors_of
+
+
+def _marks(key: str) -> list[pytest.MarkDecorator]:
+    xfail = [pytest.mark.xfail(strict=True, reason=PARENT_READS[key])] if key in PARENT_READS else []
+    return xfail + ([pytest.mark.bitexact] if key in ("mixtral", "qwen2_moe") else [])
+
+
+@pytest.mark.parametrize("key", [pytest.param(k, marks=_marks(k)) for k in tiny_models.moe_keys()])
+def test_every_moe_architecture_streams_its_quantized_experts_as_in_memory(key: str, tmp_path: Path) -> None:
+    # Enumerated from transformers' registry, as test_layout's every-architecture test.
+    cls, config = tiny_models.tiny(key)
+    torch.manual_seed(0)
+    cls._from_config(config).eval().save_pretrained(tmp_path / "src")
+    fp32 = models.pretrained(cls, tmp_path / "src")
+    for scheme in ("int8", "int4-g32"):
+        folder = pylomin.convert(tmp_path / "src", tmp_path / scheme, progress=False, model_cls=cls, quantize=scheme)
+        q = fmt.read(folder).quantization
+        assert q is not None and q.experts, f"{key}: no experts quantized ({q and q.skipped})"
+        stored = {n: info for u in fmt.read(folder).units for n, info in u.tensors.items()}
+        for module, tensors in q.experts.items():
+            for attr, spec in tensors.items():
+                payload, scales = stored[f"{module}.{attr}"], stored[f"{module}.{attr}_scales"]
+                assert payload.shape[0] == scales.shape[0] == spec["count"]
+                assert payload.dtype == ("I8" if scheme == "int8" else "U8"), payload.dtype
+        ref = copy.deepcopy(fp32)
+        assert set(pylomin.quantize_(ref, scheme)) == set(q.skipped), key
+        x = tiny_models.inputs(ref)
+        model = pylomin.load_streaming(folder, cls, memory_budget=0)
+        with torch.no_grad():
+            got, want = model(**x), ref(**x)
+        pairs = list(zip(tensors_of(got), tensors_of(want), strict=True))
+        assert pairs and all(torch.equal(a, b) for a, b in pairs), (key, scheme)
+        if tiny_models.is_causal_lm(ref):
+            kwargs = dict(max_new_tokens=3, do_sample=False)
+            assert torch.equal(model.generate(**x, **kwargs), ref.generate(**x, **kwargs)), (key, scheme)
