@@ -118,7 +118,7 @@ def test_a_decode_token_reads_only_the_experts_it_chose_or_guessed(layout: str, 
         assert all(not n.startswith("model.layers.0.mlp.shared_expert") for n in stream_of(model).policy.plan.experts)
 
 
-def test_a_guess_that_is_always_wrong_changes_no_output_and_its_pages_are_dropped(disk_dir: Path) -> None:
+def test_a_guess_that_is_always_wrong_changes_no_output_is_dropped_and_then_no_longer_read(disk_dir: Path) -> None:
     model_in_memory = qwen3_moe()
     model_in_memory.save_pretrained(disk_dir / "src")
     folder = pylomin.convert(disk_dir / "src", disk_dir / "out", progress=False)
@@ -130,13 +130,19 @@ def test_a_guess_that_is_always_wrong_changes_no_output_and_its_pages_are_droppe
         paging.next[router] = (group, -weight)  # guesses the experts the router likes least
     chosen = models.chosen_experts(model)
     with torch.no_grad(), pylomin.profile(model) as prof:
-        for seed in range(4):
+        for seed in range(8):
             x = models.ids(batch=1, seq=1, seed=seed)
             assert torch.equal(model(x).logits, ref(x).logits)
     t = prof.totals()
     assert t["expert_guessed_bytes"] > 0 and t["expert_wasted_bytes"] == t["expert_guessed_bytes"]
     for layer in chosen:  # the default drops every page it read: neither chosen nor guessed stay
         assert not _cached_experts(folder, layer, 32), layer
+    # Scored wrong every time: the guesses are no longer read (still made and scored, to resume if they improve).
+    assert paging.trust < 0.5
+    with torch.no_grad(), pylomin.profile(model) as later:
+        x = models.ids(batch=1, seq=1, seed=99)
+        assert torch.equal(model(x).logits, ref(x).logits)
+    assert later.totals()["expert_guessed_bytes"] == 0 and later.totals()["expert_lookups"] == LAYERS * 4
 
 
 def test_a_prompt_pass_guesses_nothing_it_reads_whole_layers(disk_dir: Path) -> None:

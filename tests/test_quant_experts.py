@@ -10,12 +10,18 @@ import torch
 
 import pylomin
 from pylomin.format import manifest as fmt
+from pylomin.modeling import is_experts_module
 from tests import models, tiny_models
 from tests.test_layout import PARENT_READS, tensors_of
 
+# A parent reads a quantized Linear layer's `weight` itself (Jamba's Mamba mixer: `dt_proj.weight @ x` unless
+# the config says `_is_quantized`, transformers' own quantizers' flag): it fails loudly on the int8 payload.
+READS_LINEAR_WEIGHT = {"jamba": "its Mamba mixer multiplies by `dt_proj.weight` itself"}
+
 
 def _marks(key: str) -> list[pytest.MarkDecorator]:
-    xfail = [pytest.mark.xfail(strict=True, reason=PARENT_READS[key])] if key in PARENT_READS else []
+    reason = PARENT_READS.get(key) or READS_LINEAR_WEIGHT.get(key)
+    xfail = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
     return xfail + ([pytest.mark.bitexact] if key in ("mixtral", "qwen2_moe") else [])
 
 
@@ -24,7 +30,12 @@ def test_every_moe_architecture_streams_its_quantized_experts_as_in_memory(key: 
     # Enumerated from transformers' registry, as test_layout's every-architecture test.
     cls, config = tiny_models.tiny(key)
     torch.manual_seed(0)
-    cls._from_config(config).eval().save_pretrained(tmp_path / "src")
+    built = cls._from_config(config).eval()
+    if not any(is_experts_module(m) for m in built.modules()):
+        pytest.skip(
+            f"`{cls.__name__}` holds none of transformers' experts modules (its source file's other classes do)"
+        )
+    built.save_pretrained(tmp_path / "src")
     fp32 = models.pretrained(cls, tmp_path / "src")
     for scheme in ("int8", "int4-g32"):
         folder = pylomin.convert(tmp_path / "src", tmp_path / scheme, progress=False, model_cls=cls, quantize=scheme)
@@ -44,6 +55,6 @@ def test_every_moe_architecture_streams_its_quantized_experts_as_in_memory(key: 
             got, want = model(**x), ref(**x)
         pairs = list(zip(tensors_of(got), tensors_of(want), strict=True))
         assert pairs and all(torch.equal(a, b) for a, b in pairs), (key, scheme)
-        if tiny_models.is_causal_lm(ref):
+        if scheme.startswith("int4") and tiny_models.is_causal_lm(ref):  # once per model: the suite's time
             kwargs = dict(max_new_tokens=3, do_sample=False)
             assert torch.equal(model.generate(**x, **kwargs), ref.generate(**x, **kwargs)), (key, scheme)

@@ -23,6 +23,7 @@ class Contender:
     phase_drop: bool = False  # pylomin: drop_page_cache set by the phase (False warm, True cold)
     quantize: str | None = None  # in memory: pylomin.quantize_ after loading
     per_expert: bool = True  # pylomin: False reads a layer's fused experts whole with it (an internal option)
+    guessing: bool = True  # pylomin: False reads each layer's experts only once its router chose (internal too)
 
 
 _STREAM = dict(memory_budget=0, prefetch=2)
@@ -41,6 +42,9 @@ CONTENDERS = {
     "least": Contender("pylomin", "leaf", dict(memory_budget=0, prefetch=0)),
     "budget0": Contender("pylomin", options=dict(memory_budget=0)),
     "budget0-dense": Contender("pylomin", options=dict(memory_budget=0), per_expert=False),
+    "budget0-unguessed": Contender("pylomin", options=dict(memory_budget=0), guessing=False),
+    "budget0-int4": Contender("pylomin", "int4", dict(memory_budget=0)),
+    "budget0-int8": Contender("pylomin", "int8", dict(memory_budget=0)),
     "share25": Contender("pylomin", share=0.25),
     "share50": Contender("pylomin", share=0.5),
     **{f"kept{p}": Contender("pylomin", options=dict(drop_page_cache=False), share=p / 100) for p in (0, 25, 50, 100)},
@@ -73,6 +77,8 @@ def load(name: str, spec: dict[str, Any], offload: Path, *, drop: bool = False) 
         options["drop_page_cache"] = drop
     if not c.per_expert:
         return internals.load_experts_whole(path, cls, **options), ""
+    if not c.guessing:
+        return internals.load_experts_unguessed(path, cls, **options), ""
     return pylomin.load_streaming(path, cls, **options), ""
 
 

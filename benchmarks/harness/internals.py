@@ -63,6 +63,12 @@ def load_experts_unguessed(path: str, cls: Any, **kwargs: Any) -> Any:
     return streaming.load(path, cls, dataclasses.replace(options.Options.check(**kwargs), expert_guessing=False))
 
 
+def expert_ranges(file: str, offset: int, stride: int, count: int, chosen: list[int]) -> list[Any]:
+    """The byte ranges of the `chosen` experts of a fused tensor, merged where they touch, as expert paging reads
+    them (`pylomin.runtime.policy.Experts.ranges`)."""
+    return list(policy.Experts(file, offset, stride, count).ranges(chosen))
+
+
 def staging() -> tuple[Any, Any, Any]:
     """(Store, Stager, PinnedCopy): a converted folder's mapped files, the unit stager, the pinned ring to a device
     (`pylomin.runtime.store`, `pylomin.runtime.stage`)."""

@@ -63,6 +63,14 @@ _MIXTRAL.update(num_key_value_heads=8, max_position_embeddings=1024)
 MIXTRAL = Model("mixtral-random", "MixtralForCausalLM", _MIXTRAL)  # ~830 MiB fp32, 8 experts, top-2
 _MIXTRAL_S = {**_MIXTRAL, "num_hidden_layers": 2, "vocab_size": 8000}
 MIXTRAL_SMALL = Model("mixtral-small-random", "MixtralForCausalLM", _MIXTRAL_S)
+_QWEN3_MOE = dict(hidden_size=512, intermediate_size=1536, moe_intermediate_size=256, num_hidden_layers=8)
+_QWEN3_MOE.update(num_experts=64, num_experts_per_tok=8, vocab_size=32000, tie_word_embeddings=False, head_dim=64)
+_QWEN3_MOE.update(num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024, decoder_sparse_step=1)
+_QWEN3_MOE.update(mlp_only_layers=[], norm_topk_prob=True)
+QWEN3_MOE = Model("qwen3-moe-random", "Qwen3MoeForCausalLM", _QWEN3_MOE)  # ~920 MiB fp32, 64 experts of 1.5 MiB, top-8
+QWEN3_MOE_SMALL = Model(
+    "qwen3-moe-small-random", "Qwen3MoeForCausalLM", {**_QWEN3_MOE, "num_hidden_layers": 2, "vocab_size": 8000}
+)
 MIXTRAL_4 = {**_MIXTRAL, "num_hidden_layers": 4}  # ~500 MiB: the Ctrl-C benchmark's
 
 
@@ -90,9 +98,13 @@ def build(cls: str, path: Path, config: dict[str, Any]) -> int:
 
 
 def convert(src: Path, folder: Path, *, unit: str = "block", quantize: str | None = None, head: bool = False) -> Path:
-    """`src` converted into `folder` with `unit` units (`quantize`d Linear layers, the LM head too with `head`), once."""
-    if not (folder / "pylomin.json").is_file():
+    """`src` converted into `folder` with `unit` units (`quantize`d Linear layers, the LM head too with `head`), once
+    per version of the converter's code (a folder it did not write, or an older one wrote, is converted again)."""
+    stamp = folder / ".converter"  # the converter that wrote it: a folder from other converter code is stale
+    if not (folder / "pylomin.json").is_file() or not stamp.is_file() or stamp.read_text() != _converter_digest():
         import pylomin
+
+        shutil.rmtree(folder, ignore_errors=True)
 
         how = f"{unit} units" + (f", {quantize}" if quantize else "") + (", LM head too" if head else "")
         print(f"converting {src} -> {folder} ({how}, first run only)", flush=True)
@@ -100,7 +112,21 @@ def convert(src: Path, folder: Path, *, unit: str = "block", quantize: str | Non
             {"int8": pylomin.Int8WeightOnly, "int4": pylomin.Int4WeightOnly}[quantize](head=head) if quantize else None
         )
         pylomin.convert(src, folder, unit=unit, progress=False, quantize=scheme)  # type: ignore[arg-type]
+        stamp.write_text(_converter_digest())
     return folder
+
+
+def _converter_digest() -> str:
+    """A digest of the converter's and the format's source files (what decides the bytes a conversion writes)."""
+    import hashlib
+
+    import pylomin
+
+    root = Path(pylomin.__file__).parent
+    h = hashlib.sha256()
+    for path in sorted([*(root / "converter").glob("*.py"), *(root / "format").glob("*.py")]):
+        h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def nbytes(folder: str | Path) -> int:

@@ -12,6 +12,9 @@ normed for routing) goes through the next layer's router weights too (a copy kep
 experts that guess picks are queued for reading while layer L computes (`predict`). When layer L+1's
 router has chosen, what it chose and was not guessed is read at once; what was guessed and not chosen
 is dropped. A wrong guess costs bytes, never correctness: the forward only ever uses what its router chose.
+Guesses are scored against the choice every time, and read only while at least half of what was
+guessed has lately been chosen (`GUESS_TRUST`): below that, the bytes read in vain would outnumber
+those read ahead usefully; the guesses go on being scored, so reading resumes when they improve.
 """
 
 from __future__ import annotations
@@ -27,6 +30,11 @@ from pylomin.modeling import token_inputs
 from pylomin.runtime.expert_cache import ExpertCache
 from pylomin.runtime.policy import Plan, merge
 from pylomin.runtime.store import Store
+
+
+# Guesses are read ahead while a moving average (over ~10 calls) of the share of guessed experts the
+# router then chose stays at or above this.
+GUESS_TRUST = 0.5
 
 
 class Chosen(NamedTuple):
@@ -66,7 +74,9 @@ class ExpertPaging:
         )
         # Router module of layer L -> (group of layer L+1, its router's weight [E, hidden]); see `predict`.
         self.next: dict[nn.Module, tuple[int, torch.Tensor]] = {}
-        self.guessed: dict[int, set[int]] = {}  # per group: the experts read ahead for its next call
+        # Per group: the experts guessed for its next call (not kept), and whether they were read ahead.
+        self.guessed: dict[int, tuple[set[int], bool]] = {}
+        self.trust = 1.0  # the moving share of guessed experts the router chose (`GUESS_TRUST`)
 
     def predict_with(self, routers: list[tuple[nn.Module, nn.Module, torch.Tensor]]) -> None:
         """Guess each experts module's choice from the router before it: (router of layer L, experts module
@@ -113,8 +123,11 @@ class ExpertPaging:
             guess = {int(e) for e in scores.topk(min(self.top_k, scores.shape[-1]), dim=-1).indices.unique().tolist()}
         with self.lock:
             guess -= self.cache.kept_in(group)
-            self.guessed[group] = self.guessed.get(group, set()) | guess
-        self.store.will_need([r for n in self.names[group] for r in self.plan.experts[n].ranges(sorted(guess))])
+            read = self.trust >= GUESS_TRUST
+            before, was_read = self.guessed.get(group, (set(), False))
+            self.guessed[group] = (before | guess, read or was_read)
+        if read:
+            self.store.will_need([r for n in self.names[group] for r in self.plan.experts[n].ranges(sorted(guess))])
 
     def read_chosen(self, module: nn.Module, index: torch.Tensor, *, read_ahead: bool) -> Chosen:
         """The router chose `index` ([tokens, k]): read the chosen experts the cache does not keep (none
@@ -122,13 +135,17 @@ class ExpertPaging:
         self.top_k = index.shape[-1] if index.dim() else 1
         group = self.group[module]
         with self.lock:
-            guessed = self.guessed.pop(group, set())
+            guessed, was_read = self.guessed.pop(group, (set(), False))
         if all(name in self.plan.resident for name in self.names[group]):
             return Chosen([], 0, 0)  # every expert resident
         chosen = [int(e) for e in torch.unique(index).tolist()]
         with self.lock:
+            if guessed:
+                self.trust = 0.9 * self.trust + 0.1 * len(guessed.intersection(chosen)) / len(guessed)
             misses, dropped = self.cache.use(group, chosen)
             kept = self.cache.kept_in(group)
+        if not was_read:
+            guessed = set()  # scored only
         for g, e in dropped:  # no longer among the most used: its pages go like a streamed unit's
             self._drop(g, e)
         wasted = sorted(guessed - set(chosen) - kept)
