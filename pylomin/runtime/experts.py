@@ -31,7 +31,6 @@ from pylomin.runtime.expert_cache import ExpertCache
 from pylomin.runtime.policy import Plan, merge
 from pylomin.runtime.store import Store
 
-
 # Guesses are read ahead while a moving average (over ~10 calls) of the share of guessed experts the
 # router then chose stays at or above this.
 GUESS_TRUST = 0.5
