@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 # call, so a madvise that blocks on the disk lets the other Python threads run.
 libc = ctypes.CDLL(None, use_errno=True)
 libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 
 PAGE = mmap.PAGESIZE
 MADV_RANDOM = mmap.MADV_RANDOM
@@ -46,6 +47,16 @@ def madvise(address: int, length: int, advice: int) -> int:
     if libc.madvise(begin, end - begin, advice) == 0:
         return 0
     return ctypes.get_errno() or errno.EINVAL
+
+
+def all_cached(address: int, length: int) -> bool:
+    """Whether every page of `[address, address + length)` of a file mapping is in the page cache (`mincore(2)`:
+    ~10 us for 21 MiB); True where the kernel cannot say, so a caller then reads nothing it would not have."""
+    begin, end = page_range(address, length)
+    vec = (ctypes.c_ubyte * ((end - begin) // PAGE))()
+    if libc.mincore(begin, end - begin, vec) != 0:
+        return True
+    return all(b & 1 for b in bytes(vec))
 
 
 def drop_file_pages(address: int, length: int) -> None:

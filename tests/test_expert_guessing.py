@@ -11,6 +11,7 @@ import torch
 import transformers
 
 import pylomin
+from pylomin import _os
 from pylomin.format import manifest as fmt
 from pylomin.runtime.model import stream_of
 from tests import models
@@ -155,3 +156,30 @@ def test_a_prompt_pass_guesses_nothing_it_reads_whole_layers(disk_dir: Path) -> 
         with pylomin.profile(model) as prof:
             model(prompt)
     assert prof.totals()["expert_guessed_bytes"] == 0
+
+
+def test_resident_experts_the_kernel_reclaimed_are_read_again_in_large_reads(disk_dir: Path) -> None:
+    # Resident experts are random-access pages: faulted back in after a reclaim they would come 4 KiB at a time.
+    qwen3_moe().save_pretrained(disk_dir / "src")
+    folder = pylomin.convert(disk_dir / "src", disk_dir / "out", progress=False)
+    ref = models.pretrained(transformers.Qwen3MoeForCausalLM, disk_dir / "src")
+    model = pylomin.load_streaming(folder, transformers.Qwen3MoeForCausalLM, memory_budget="1GiB")
+    plan = stream_of(model).policy.plan
+    assert all(n in plan.resident for n in plan.experts)  # every expert resident
+    x = models.ids(batch=1, seq=1)
+    with torch.no_grad(), pylomin.profile(model) as hot:
+        assert torch.equal(model(x).logits, ref(x).logits)
+    assert hot.totals()["expert_bytes"] == 0  # cached: nothing to read, nothing recorded
+    # As the kernel reclaims under pressure: resident pages are mapped, so an fadvise cannot drop them;
+    # MADV_PAGEOUT (Linux 5.4) unmaps and frees them, then evicting drops what the cache still holds.
+    store = stream_of(model).store
+    for unit in fmt.read(folder).units:
+        if _os.madvise(store._addrs[unit.file], (folder / unit.file).stat().st_size, 21) != 0:
+            pytest.skip("this kernel has no MADV_PAGEOUT")
+    models.evict([folder / u.file for u in fmt.read(folder).units])
+    with torch.no_grad(), pylomin.profile(model) as again:
+        assert torch.equal(model(x).logits, ref(x).logits)
+    t = again.totals()
+    size = 3 * 64 * 32 * 4  # gate, up and down slices of one expert, fp32
+    assert t["expert_lookups"] == LAYERS * 4 and t["expert_hit_rate"] == 1.0
+    assert 0 < t["expert_bytes"] <= LAYERS * 4 * size + LAYERS * 2 * 2 * PAGE  # the chosen, a page either side

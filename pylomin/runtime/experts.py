@@ -135,9 +135,10 @@ class ExpertPaging:
         group = self.group[module]
         with self.lock:
             guessed, was_read = self.guessed.pop(group, (set(), False))
-        if all(name in self.plan.resident for name in self.names[group]):
-            return Chosen([], 0, 0)  # every expert resident
         chosen = [int(e) for e in torch.unique(index).tolist()]
+        if all(name in self.plan.resident for name in self.names[group]):  # every expert resident
+            again = self._reclaimed(group, chosen)
+            return Chosen(chosen, len(chosen), again) if again else Chosen([], 0, 0)
         with self.lock:
             if guessed:
                 self.trust = 0.9 * self.trust + 0.1 * len(guessed.intersection(chosen)) / len(guessed)
@@ -153,11 +154,18 @@ class ExpertPaging:
         size = self.cache.sizes[group]
         if read_ahead:
             return Chosen(chosen, len(chosen) - len(misses), 0)
+        again = self._reclaimed(group, [e for e in chosen if e not in misses])
         ranges = [r for n in self.names[group] for r in self.plan.experts[n].ranges(misses)]
         self.store.read_exactly(ranges)
-        return Chosen(
-            chosen, len(chosen) - len(misses), sum(r.length for r in ranges), len(guessed) * size, len(wasted) * size
-        )
+        read = sum(r.length for r in ranges) + again
+        return Chosen(chosen, len(chosen) - len(misses), read, len(guessed) * size, len(wasted) * size)
+
+    def _reclaimed(self, group: int, kept: list[int]) -> int:
+        """Read again, at the disk's speed, what the kernel reclaimed of these kept experts' pages (they would
+        fault in 4 KiB at a time, being random-access); returns the bytes. A mincore check: ~10 us for 21 MiB."""
+        stale = self.store.uncached([r for n in self.names[group] for r in self.plan.experts[n].ranges(kept)])
+        self.store.read_exactly(stale)
+        return sum(r.length for r in stale)
 
     def ranges_to_drop(self, stored_name: str) -> list[Range] | None:
         """The byte ranges of a released fused tensor to drop: all but the kept experts (None: not fused)."""

@@ -172,6 +172,13 @@ class Store:
         for span in spans:
             self._populate(*span)
 
+    def uncached(self, ranges: list[fmt.Range]) -> list[fmt.Range]:
+        """The ranges with pages the kernel no longer caches (reclaimed, or never read): what resident
+        tensors need read again at the disk's speed, not faulted in 4 KiB at a time."""
+        return [
+            r for r in ranges if r.file in self._addrs and not _os.all_cached(self._addrs[r.file] + r.offset, r.length)
+        ]
+
     def will_need(self, ranges: list[fmt.Range]) -> None:
         """Queue reads of these ranges and return: `read_exactly` later finds them read or in flight."""
         for file, offset, length in ranges:
