@@ -1,4 +1,4 @@
-"""Trained models for the speculative-decoding benchmark: a target Llama and a draft, trained here on Python.
+"""Trained models for the benchmarks: a target Llama and a draft, and a mixture-of-experts, trained here on Python.
 
 The corpus is the Python standard library's own source (every `*.py` under `sysconfig`'s stdlib
 folder, `site-packages` left out, sorted). About 5 % of the files are held out, chosen by a hash of
@@ -16,14 +16,26 @@ with `save_pretrained` (safetensors), the tokenizer and a generation config besi
 `train.json`: parameters, bytes, steps, tokens seen, wall time, train and held-out loss, and how
 often the draft's greedy choice equals the target's on held-out prompts.
 
+The mixture-of-experts (`stdlib-moe`, built on demand only: the routing benchmark's model) is a
+`Qwen3MoeForCausalLM` with the same tokenizer: hidden 256, 6 layers, 32 experts of intermediate 160
+per layer, top-4 (109 MB fp32), trained in the same loop for `moe_minutes` with transformers' router
+load-balancing loss on (coefficient 0.01), so that the experts share the traffic rather than
+collapse onto a few; random weights route tokens about uniformly, which makes any cache measured
+on them meaningless. Its experts run transformers' eager loop: 1.55 s a step on 2 cores, against
+8-9 s for `grouped_mm` (its CPU fallback) and 110 s for `batched_mm`. 13 minutes on 2 shared cores
+gave 335 steps (686k tokens) and a held-out loss of 4.85 nats (the target Llama: 3.7 after 1,498
+steps); 27 of its 192 experts were never chosen on 4096 held-out tokens despite the balancing loss.
+
 They live outside the repository, in `$PYLOMIN_BENCH_MODELS` or else `~/.cache/pylomin-bench/`:
-`stdlib-bpe/` (the tokenizer), `stdlib-llama-target/`, `stdlib-llama-draft/`. Each is written
+`stdlib-bpe/` (the tokenizer), `stdlib-llama-target/`, `stdlib-llama-draft/`, `stdlib-moe/`. Each is written
 to a temporary folder and renamed into place when complete, so a folder that exists is complete.
 
     target() / draft()       the model folder, trained first if missing
+    moe()                    the mixture-of-experts' folder, trained first if missing
     tokenizer()              the shared tokenizer (a PreTrainedTokenizerFast)
     heldout_files()          the held-out source files
     prompts(n, tokens)       the starts of held-out files, `tokens` tokens each
+    heldout_ids(n, tokens)   the same as token ids
     build(recipe, force)     all of it (`python -m benchmarks.train`)
 """
 
@@ -54,6 +66,7 @@ ENV_VAR = "PYLOMIN_BENCH_MODELS"
 EOS = "<|endoftext|>"
 HELDOUT_PERCENT = 5
 TOKENIZER, TARGET, DRAFT = "stdlib-bpe", "stdlib-llama-target", "stdlib-llama-draft"
+MOE = "stdlib-moe"
 
 TARGET_CONFIG: dict[str, Any] = dict(
     hidden_size=512,
@@ -71,6 +84,19 @@ DRAFT_CONFIG: dict[str, Any] = dict(
     num_key_value_heads=4,
     tie_word_embeddings=True,
 )
+MOE_CONFIG: dict[str, Any] = dict(
+    hidden_size=256,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    head_dim=64,
+    num_experts=32,
+    num_experts_per_tok=4,
+    moe_intermediate_size=160,
+    norm_topk_prob=True,
+    router_aux_loss_coef=0.01,
+    tie_word_embeddings=False,
+)
 
 
 @dataclass(frozen=True)
@@ -84,11 +110,14 @@ class Recipe:
     batch: int = 8  # windows per step
     target_lr: float = 2e-3
     draft_lr: float = 3e-3
+    moe_minutes: float = 13.0  # the mixture-of-experts' own budget, apart from `minutes`
+    moe_lr: float = 2e-3
     warmup_steps: int = 40
     bf16: bool = True  # autocast the forward and backward; weights, optimizer state and saved files stay fp32
     max_position_embeddings: int = 2048
     target_config: Mapping[str, Any] = field(default_factory=lambda: dict(TARGET_CONFIG))
     draft_config: Mapping[str, Any] = field(default_factory=lambda: dict(DRAFT_CONFIG))
+    moe_config: Mapping[str, Any] = field(default_factory=lambda: dict(MOE_CONFIG))
     corpus_bytes: int | None = None  # only the first files, up to this many bytes (held-out files: a 20th); tests
     eval_tokens: int = 32768  # held-out tokens the final loss is measured on
     agree_prompts: int = 16  # held-out prompts of `agree_prompt` tokens, `agree_new` greedy tokens each
@@ -268,12 +297,15 @@ def prompts(n: int, tokens: int, root: Path | None = None) -> list[str]:
     from tokenizers import Tokenizer
 
     bpe = Tokenizer.from_file(str(tokenizer_path(root) / "tokenizer.json"))
-    out: list[str] = []
-    for ids in _heldout_starts(bpe, 2 * tokens):
-        out.append(bpe.decode(ids[:tokens]))
-        if len(out) == n:
-            break
-    return out
+    return [bpe.decode(ids) for ids in heldout_ids(n, tokens, root)]
+
+
+def heldout_ids(n: int, tokens: int, root: Path | None = None) -> list[list[int]]:
+    """The first `tokens` token ids of `n` held-out files (those at least twice that long, in hash order)."""
+    from tokenizers import Tokenizer
+
+    bpe = Tokenizer.from_file(str(tokenizer_path(root) / "tokenizer.json"))
+    return [ids[:tokens] for ids in _heldout_starts(bpe, 2 * tokens)[:n]]
 
 
 def _heldout_starts(bpe: Any, min_tokens: int) -> list[list[int]]:
@@ -287,17 +319,26 @@ def _heldout_starts(bpe: Any, min_tokens: int) -> list[list[int]]:
 # ---------------------------------------------------------------------------------------------- training
 
 
-def _llama_config(recipe: Recipe, shape: Mapping[str, Any], vocab: int, eos: int) -> transformers.LlamaConfig:
+def _new_model(recipe: Recipe, name: str, vocab: int, eos: int) -> tuple[Any, Mapping[str, Any], float, float]:
+    """The untrained model `name`, its shape, its seconds of training and its peak learning rate."""
     import transformers
 
-    return transformers.LlamaConfig(
-        **shape,
+    common: dict[str, Any] = dict(
         vocab_size=vocab,
         max_position_embeddings=recipe.max_position_embeddings,
         bos_token_id=eos,
         eos_token_id=eos,
         pad_token_id=eos,
     )
+    if name == MOE:
+        # router_logits in the output: the forward adds the load-balancing loss to the loss it returns
+        config = transformers.Qwen3MoeConfig(**recipe.moe_config, **common, output_router_logits=True)
+        return transformers.Qwen3MoeForCausalLM(config), recipe.moe_config, recipe.moe_minutes * 60, recipe.moe_lr
+    is_target = name == TARGET
+    shape = recipe.target_config if is_target else recipe.draft_config
+    share = recipe.target_share if is_target else 1 - recipe.target_share
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape, **common))
+    return model, shape, recipe.minutes * 60 * share, recipe.target_lr if is_target else recipe.draft_lr
 
 
 def _lr(recipe: Recipe, peak: float, step: int, frac: float) -> float:
@@ -433,7 +474,7 @@ def evaluate(model: Any, data: torch.Tensor, recipe: Recipe) -> dict[str, float]
 
 
 def _train_model(root: Path, name: str, recipe: Recipe) -> Path:
-    """Train the target or the draft into `root / name` (renamed into place when complete)."""
+    """Train the target, the draft or the mixture-of-experts into `root / name` (renamed into place when complete)."""
     import torch
     import transformers
 
@@ -443,16 +484,12 @@ def _train_model(root: Path, name: str, recipe: Recipe) -> Path:
     fast = transformers.PreTrainedTokenizerFast.from_pretrained(tok_folder)
     eos = fast.eos_token_id
     assert isinstance(eos, int)
-    is_target = name == TARGET
-    shape = recipe.target_config if is_target else recipe.draft_config
-    share = recipe.target_share if is_target else 1 - recipe.target_share
-    seconds = recipe.minutes * 60 * share
     torch.manual_seed(recipe.seed)
-    config = _llama_config(recipe, shape, len(fast), eos)
-    model = transformers.LlamaForCausalLM(config)
+    model, shape, seconds, lr = _new_model(recipe, name, len(fast), eos)
     params = sum(p.numel() for p in model.parameters())
     log.info("%s: %.2fM parameters, %.0f s of training ...", name, params / 1e6, seconds)
-    fit = _fit(model, train, seconds, recipe.target_lr if is_target else recipe.draft_lr, recipe, name)
+    fit = _fit(model, train, seconds, lr, recipe, name)
+    model.config.output_router_logits = False  # inference needs no load-balancing loss (Llama: no such option)
     scores = evaluate(model, heldout, recipe)
     log.info("%s: %s, held-out %s", name, {k: v for k, v in fit.items() if k != "curve"}, scores)
     model.generation_config = transformers.GenerationConfig(
@@ -464,8 +501,8 @@ def _train_model(root: Path, name: str, recipe: Recipe) -> Path:
     nbytes = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
     record = dict(
         name=name,
-        role="target" if is_target else "draft",
-        architecture="LlamaForCausalLM",
+        role={TARGET: "target", DRAFT: "draft", MOE: "moe"}[name],
+        architecture=type(model).__name__,
         parameters=params,
         bytes=nbytes,
         mb=round(nbytes / 1e6, 2),
@@ -473,14 +510,14 @@ def _train_model(root: Path, name: str, recipe: Recipe) -> Path:
         python=sys.version.split()[0],
         corpus=corpus,
         budget_s=round(seconds, 1),
-        lr=recipe.target_lr if is_target else recipe.draft_lr,
+        lr=lr,
         batch=recipe.batch,
         seq=recipe.seq,
         bf16_autocast=recipe.bf16,
         **{k: v for k, v in fit.items() if k != "curve"},
         **scores,
         total_wall_s=round(time.perf_counter() - t_start, 1),
-        recipe={k: v for k, v in asdict(recipe).items() if k not in ("target_config", "draft_config")},
+        recipe={k: v for k, v in asdict(recipe).items() if not k.endswith("_config")},
         curve=fit["curve"],
     )
     (tmp / "train.json").write_text(json.dumps(record, indent=1) + "\n")
@@ -558,6 +595,14 @@ def target(root: Path | None = None, recipe: Recipe | None = None) -> Path:
 def draft(root: Path | None = None, recipe: Recipe | None = None) -> Path:
     """The draft model's folder (11 MB fp32 Llama, the target's tokenizer), trained first if missing."""
     return _model(DRAFT, root, recipe)
+
+
+def moe(root: Path | None = None, recipe: Recipe | None = None, force: bool = False) -> Path:
+    """The mixture-of-experts' folder (109 MB fp32 Qwen3-MoE, 32 experts a layer, top-4), trained first if missing."""
+    root = root or cache_dir()
+    if force and (root / MOE).exists():
+        shutil.rmtree(root / MOE)
+    return _model(MOE, root, recipe)
 
 
 def build(root: Path | None = None, recipe: Recipe | None = None, force: bool = False) -> dict[str, Path]:
