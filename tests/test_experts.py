@@ -6,6 +6,7 @@ import gc
 import mmap
 from pathlib import Path
 
+import pytest
 import torch
 import transformers
 
@@ -162,8 +163,8 @@ def test_a_prompt_reads_experts_ahead_whole_and_a_decode_token_reads_only_the_ch
 # --- the expert cache, a pure policy ---------------------------------------------------------------
 
 
-def test_the_expert_cache_keeps_the_most_used_experts() -> None:
-    cache = ExpertCache(capacity=3 * 10, sizes={0: 10, 1: 10})
+def test_without_a_half_life_the_expert_cache_keeps_the_most_used_experts() -> None:
+    cache = ExpertCache(capacity=3 * 10, sizes={0: 10, 1: 10}, half_life=None)
     assert cache.use(0, [1, 2]) == ([1, 2], [])  # read both, keep both
     assert cache.use(1, [5, 6]) == ([5, 6], [])  # room for one: 5 kept
     assert cache.kept == {(0, 1), (0, 2), (1, 5)}
@@ -175,8 +176,9 @@ def test_the_expert_cache_keeps_the_most_used_experts() -> None:
     assert cache.kept_bytes == 30
 
 
-def test_the_expert_cache_never_drops_an_expert_the_same_call_uses() -> None:
-    cache = ExpertCache(capacity=2 * 10, sizes={0: 10})
+@pytest.mark.parametrize("half_life", [None, 32.0])
+def test_the_expert_cache_never_drops_an_expert_the_same_call_uses(half_life: float | None) -> None:
+    cache = ExpertCache(capacity=2 * 10, sizes={0: 10}, half_life=half_life)
     cache.use(0, [0, 1])
     cache.use(0, [2])
     cache.use(0, [2])  # 2 used twice, 0 and 1 once: 2 replaces one of them
@@ -186,7 +188,38 @@ def test_the_expert_cache_never_drops_an_expert_the_same_call_uses() -> None:
     assert (0, kept_once) not in dropped and misses == [3, 3]
 
 
+def test_with_a_half_life_recent_uses_outweigh_old_ones() -> None:
+    lfu = ExpertCache(capacity=10, sizes={0: 10, 1: 10}, half_life=None)
+    decayed = ExpertCache(capacity=10, sizes={0: 10, 1: 10}, half_life=2)
+    for cache in (lfu, decayed):
+        for _ in range(3):  # three passes: expert 0 of group 0 used in each
+            cache.use(0, [0])
+            cache.use(1, [])
+        for i in range(6):  # then six passes, expert 1 used in the first and the fourth
+            cache.use(0, [1] if i % 3 == 0 else [])
+            cache.use(1, [])
+    assert lfu.kept == {(0, 0)}  # 3 uses against 2
+    assert decayed.kept == {(0, 1)}  # at 1's second use: 0's uses 4-6 passes old weigh 0.55, 1's (0 and 3) 1.35
+    ties = ExpertCache(capacity=10, sizes={0: 10}, half_life=2)
+    ties.use(0, [0])
+    assert ties.use(0, [1]) == ([1], [(0, 0)])  # a newer single use outweighs an older one
+    with pytest.raises(ValueError, match="`half_life` must be a positive number"):
+        ExpertCache(capacity=10, sizes={0: 10}, half_life=0)
+
+
 def test_an_expert_larger_than_the_cache_is_read_never_kept() -> None:
     cache = ExpertCache(capacity=5, sizes={0: 10})
     assert cache.use(0, [0]) == ([0], []) and cache.use(0, [0]) == ([0], [])
     assert cache.kept == set() and cache.hit_rate == 0.0
+
+
+def test_a_smaller_expert_cache_drops_the_least_valuable_first() -> None:
+    lfu = ExpertCache(capacity=3 * 10, sizes={0: 10}, half_life=None)
+    decayed = ExpertCache(capacity=3 * 10, sizes={0: 10}, half_life=2)
+    for cache in (lfu, decayed):
+        for chosen in ([0, 1, 2], [0], [0], [0], [1], [], [], [], [2], [2]):
+            cache.use(0, chosen)
+    assert lfu.resize(10) == [(0, 1), (0, 2)] and lfu.kept == {(0, 0)}  # uses: 0 four times, 2 thrice, 1 twice
+    # decayed to pass 10: 0's four uses (passes 1-4) weigh 0.32, 1's (1, 5) 0.22, 2's (1, 9, 10) 1.75
+    assert decayed.resize(10) == [(0, 1), (0, 0)] and decayed.kept == {(0, 2)}
+    assert decayed.kept_bytes == 10 and decayed.resize(30) == []
