@@ -46,12 +46,15 @@ def record(model: Any, sequences: Sequence[Sequence[int]]) -> tuple[Trace, dict[
     """Decode each sequence a token at a time; the experts chosen, and the guesses' rankings per guess kind.
 
     Returns the trace and, per kind, a tensor [tokens, layers, 2k] of the experts ranked first by the
-    guess made before each layer ran ("post": the layer's own post-attention norm then gate, "input": its input norm).
+    guess made before each layer ran ("post": the layer's own post-attention norm then gate, "input": its input norm;
+    "runtime": as `pylomin.runtime.experts` guesses, the layer's gate weight on the router input of the layer before,
+    taken before that layer's experts run: the layer before's own guess stands in for layer 0's).
     """
     layers = model.model.layers
     k = model.config.num_experts_per_tok
     chosen: dict[int, list[int]] = {}
-    guessed: dict[str, dict[int, torch.Tensor]] = {"post": {}, "input": {}}
+    guessed: dict[str, dict[int, torch.Tensor]] = {"post": {}, "input": {}, "runtime": {}}
+    gate_input: dict[int, torch.Tensor] = {}
 
     def before(i: int) -> Callable[..., None]:
         layer = layers[i]
@@ -61,6 +64,15 @@ def record(model: Any, sequences: Sequence[Sequence[int]]) -> tuple[Trace, dict[
             for kind, norm in (("post", layer.post_attention_layernorm), ("input", layer.input_layernorm)):
                 logits = layer.mlp.gate(norm(h))[0]  # [1, E]
                 guessed[kind][i] = logits[0].topk(2 * k).indices
+            before_input = gate_input.get(i - 1, h.reshape(1, -1)) if i else h.reshape(1, -1)
+            scores = torch.nn.functional.linear(before_input, layer.mlp.gate.weight)  # [1, E]
+            guessed["runtime"][i] = scores[0].topk(2 * k).indices
+
+        return hook
+
+    def gate_in(i: int) -> Callable[..., None]:
+        def hook(_: Any, args: tuple[Any, ...]) -> None:
+            gate_input[i] = args[0].reshape(1, -1)  # [1, H]: the router's input, normed for routing
 
         return hook
 
@@ -74,10 +86,11 @@ def record(model: Any, sequences: Sequence[Sequence[int]]) -> tuple[Trace, dict[
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_pre_hook(before(i), with_kwargs=True))
         handles.append(layer.mlp.gate.register_forward_hook(routed(i)))
+        handles.append(layer.mlp.gate.register_forward_pre_hook(gate_in(i)))
     import transformers
 
     trace: Trace = []
-    ranks: dict[str, list[torch.Tensor]] = {"post": [], "input": []}
+    ranks: dict[str, list[torch.Tensor]] = {"post": [], "input": [], "runtime": []}
     try:
         with torch.no_grad():
             for ids in sequences:
@@ -244,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     widths = {"top-k": k, "top-(k+2)": k + 2, "top-2k": 2 * k}
     guess = {w: recall(trace, ranks["post"], n) for w, n in widths.items()}
     guess_input = recall(trace, ranks["input"], k)
+    guess_runtime = recall(trace, ranks["runtime"], k)
     repeat = repeat_recall(trace, starts)
     every = layers * experts_per_layer
     offsets = torch.arange(layers)[None, :, None] * experts_per_layer
@@ -258,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             "embeddings" if i == 0 else f"layer {i - 1}",
             *(f"{guess[w][i]:.1%}" for w in widths),
             f"{guess_input[i]:.1%}",
+            f"{guess_runtime[i]:.1%}",
             f"{repeat[i]:.1%}",
         ]
         for i in range(layers)
@@ -268,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             "the layer before",
             *(f"{overall(guess[w]):.1%}" for w in widths),
             f"{overall(guess_input):.1%}",
+            f"{overall(guess_runtime):.1%}",
             f"{overall(repeat):.1%}",
         ]
     )
@@ -281,9 +297,10 @@ def main(argv: list[str] | None = None) -> int:
         "guessed from",
         *(f"{w} (post-attn norm)" for w in widths),
         "top-k (input norm)",
+        "top-k (runtime: the router input a layer earlier)",
         "previous token",
     ]
-    print(report.table(header, "llrrrrr", rows))
+    print(report.table(header, "llrrrrrr", rows))
 
     t1 = time.perf_counter()
     rates = hit_rates(trace, expert_bytes, every)

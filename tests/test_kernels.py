@@ -37,7 +37,7 @@ FORWARDS_AT_ODD_ADDRESSES = """
         aligned = quant.make_module(linear, scheme, payload, scales)
         for w_off in (0, 1, 8):  # the int8 kernel needs 16 bytes (AVX-512)
             moved = quant.make_module(linear, scheme, at(payload, w_off), at(scales, 2))
-            for rows in (1, 5, 40):  # one row; the kernel's 4-row blocks; below quant.PROMPT_ROWS
+            for rows in (1, 5, 40):  # one row; the kernel's 4-row blocks; below kernels.PROMPT_ROWS
                 big = torch.randn(1, rows * 256 + 16, generator=gen).to(torch.bfloat16)
                 for x_off in (1, 8):  # 2 and 16 bytes: AVX-512 needs 32, AVX2 16
                     x = big[0, x_off : x_off + rows * 256].view(1, rows, 256)  # a view, as a model's slice is
