@@ -46,6 +46,7 @@ CONTENDERS = {  # the table's name: the harness's contender
     "waits": "budget0-unguessed",  # memory_budget=0, each layer's experts read once its router chose
     "per-expert": "budget0",  # memory_budget=0: experts guessed from the layer before and read ahead
     "int4": "budget0-int4",  # the int4 conversion (experts too), memory_budget=0
+    "int4-head": "budget0-int4-head",  # ... with the LM head quantized too (--quantize-head), memory_budget=0
     "cache-25": "share25",  # memory_budget = 25 % of the model
     "cache-50": "share50",
     "default": "default",  # no options
@@ -130,7 +131,8 @@ def expert_reads(folder: str, top_k: int, experts: int, tokens: int = 8) -> floa
 def table(rows: dict[str, dict[str, Any]], used: int) -> str:
     lines = []
     for key, r in rows.items():
-        ref = rows.get("memory-int4" if key.startswith(("int4", "memory-int4")) else "memory", {}).get("tokens")
+        quantized = key.startswith(("int4", "memory-int4"))
+        ref = rows.get("memory-int4" if quantized else "memory", {}).get("tokens") if key != "int4-head" else None
         cold, warm = r["cold"], r["warm"]
         cells = [f"{cold['prefill_s']:.2f}", f"{cold['decode_tps']:.2f}", f"{warm['decode_tps']:.2f}"]
         cells += [f"{cold['read_per_token'] / MIB:.1f}", f"{cold['read_per_token'] / used:.2f}"]
@@ -176,7 +178,7 @@ def ratios(rows: dict[str, dict[str, Any]], used: int, reads: float, bandwidth: 
 
 def run_model(name: str, model: models.Model, contenders: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """Every contender on one model; prints its table and returns what bench_moe.json keeps of it."""
-    spec = {**model.spec("block", "int4"), "measure": "benchmarks.moe:measure"}
+    spec = {**model.spec("block", "int4", "int4+head"), "measure": "benchmarks.moe:measure"}
     folder = spec["folders"]["block"]
     top_k = model.config["num_experts_per_tok"]
     experts = model.config.get("num_local_experts") or model.config["num_experts"]

@@ -45,6 +45,7 @@ CONTENDERS = {
     "budget0-unguessed": Contender("pylomin", options=dict(memory_budget=0), guessing=False),
     "budget0-int4": Contender("pylomin", "int4", dict(memory_budget=0)),
     "budget0-int8": Contender("pylomin", "int8", dict(memory_budget=0)),
+    "budget0-int4-head": Contender("pylomin", "int4+head", dict(memory_budget=0)),
     "share25": Contender("pylomin", share=0.25),
     "share50": Contender("pylomin", share=0.5),
     **{f"kept{p}": Contender("pylomin", options=dict(drop_page_cache=False), share=p / 100) for p in (0, 25, 50, 100)},

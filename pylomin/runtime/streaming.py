@@ -302,9 +302,9 @@ def attach_(
 
 def _guessing(
     model: nn.Module, experts: list[nn.Module], stored: dict[tuple[nn.Module, str], str], store: Store
-) -> list[tuple[nn.Module, nn.Module, torch.Tensor]]:
-    """(router of an experts module, the next experts module, a copy of the next one's router weight in memory)
-    for each pair of consecutive experts modules whose routers are found and hold float weights."""
+) -> list[tuple[nn.Module, nn.Module, nn.Module, torch.Tensor]]:
+    """(router of an experts module, that module, the next experts module, a copy of the next one's router weight
+    in memory) for each pair of consecutive experts modules whose routers are found and hold float weights."""
     routers = experts_routers(model)
     out = []
     for before, after in itertools.pairwise(experts):
@@ -314,7 +314,7 @@ def _guessing(
             continue
         weight = store.view(name)
         if weight.is_floating_point() and weight.dim() == 2:
-            out.append((router, after, weight.clone()))  # [E, hidden]: a few hundred KiB a layer
+            out.append((router, before, after, weight.clone()))  # [E, hidden]: a few hundred KiB a layer
     return out
 
 
