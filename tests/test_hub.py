@@ -185,7 +185,7 @@ def test_a_repo_id_quantized_at_load_is_cached_by_scheme(env: dict[str, str], tm
     assert res.returncode == 0, res.stderr
     assert "EQUAL True" in res.stdout and "LAYER Int8Linear" in res.stdout and "PLAIN Linear" in res.stdout
     base = tmp_path / "pl-cache" / "org--llama"
-    assert fmt_of(base / f"{folder_name('LlamaForCausalLM')}.int8")["quantization"]["scheme"] == "int8"
+    assert fmt_of(base / f"{folder_name('LlamaForCausalLM')}.int8.r2")["quantization"]["scheme"] == "int8"
     assert fmt_of(base / folder_name("LlamaForCausalLM"))["quantization"] is None
 
 

@@ -307,11 +307,13 @@ def test_the_record_reads_what_earlier_folders_wrote() -> None:
     assert int8.to_json()["group_size"] == 0
 
 
-def test_the_cache_key_of_a_scheme_is_its_string() -> None:
+def test_the_cache_key_of_a_scheme_is_its_string_and_the_converters_revision() -> None:
+    # The scheme's string as before the configs; the revision: a conversion an older converter made
+    # (experts left unquantized, plain rounding) is not reused after an upgrade.
     commit = "0" * 40
-    assert cache._folder_name(commit, None, Int4WeightOnly()) == f"{commit}.int4-g64"  # as before the configs
-    assert cache._folder_name(commit, None, parse_scheme("int8")) == f"{commit}.int8"
-    assert cache._folder_name(commit, None, Int8WeightOnly(head=True)) == f"{commit}.int8+head"
+    assert cache._folder_name(commit, None, Int4WeightOnly()) == f"{commit}.int4-g64.r2"
+    assert cache._folder_name(commit, None, parse_scheme("int8")) == f"{commit}.int8.r2"
+    assert cache._folder_name(commit, None, Int8WeightOnly(head=True)) == f"{commit}.int8+head.r2"
     assert cache._folder_name(commit, None, None) == commit
 
 

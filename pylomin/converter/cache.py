@@ -14,7 +14,7 @@ from typing import Any
 
 from pylomin.converter import hub
 from pylomin.format import manifest as fmt
-from pylomin.format.quant import Scheme
+from pylomin.format.quant import REVISION, Scheme
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ def converted(
 
     With a transformers `model_cls`, the tensors are converted to the layout that class holds at
     run time, and the cache keys the folder by class and transformers version as well as commit;
-    with `quantize`, by the scheme too (`int8`, `int4-g64`; `+head` when the LM head is quantized too).
+    with `quantize`, by the scheme too (`int8`, `int4-g64`; `+head` when the LM head is quantized too) and
+    by the converter's quantization revision (`.r2`: a conversion an older pylomin made is not reused).
     A revision seen before resolves through the cache's `refs/` without touching the Hub. Two
     processes converting the same model wait on a lock; the second finds the first one's folder.
     """
@@ -130,13 +131,16 @@ def _hf_cls(model_cls: Any) -> type | None:
 
 
 def _folder_name(commit: str, hf_cls: type | None, quantize: Scheme | None = None) -> str:
-    # The layout depends on the class and on the transformers version's conversion mapping.
+    # The layout depends on the class and on the transformers version's conversion mapping; a quantized
+    # folder on what the converter quantizes and how (`format.quant.REVISION`: from 2 on, in the name).
     name = commit
     if hf_cls is not None:
         import transformers
 
         name = f"{commit}.{hf_cls.__name__}.transformers-{transformers.__version__}"
-    return name if quantize is None else f"{name}.{quantize}{'+head' if quantize.head else ''}"
+    if quantize is None:
+        return name
+    return f"{name}.{quantize}{'+head' if quantize.head else ''}" + (f".r{REVISION}" if REVISION > 1 else "")
 
 
 def _read(path: Path) -> str | None:

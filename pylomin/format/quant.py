@@ -18,6 +18,10 @@ GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 64
 # torch's kernels take bf16 activations and bf16 scales on the CPU.
 KERNEL_DTYPE = torch.bfloat16
+# What a quantized conversion holds, by the converter that wrote it: 1, Linear layers rounded to the
+# nearest of each group's [min, max]; 2, fused experts quantized too, and int4 groups rounded to the
+# best of 16 ranges. Cached conversions are keyed by it, so an upgrade converts again.
+REVISION = 2
 
 
 @dataclass(frozen=True)
