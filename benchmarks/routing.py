@@ -334,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         recall={w: [round(x, 4) for x in v] for w, v in guess.items()},
         recall_overall={w: round(overall(v), 4) for w, v in guess.items()},
         recall_input_norm=[round(x, 4) for x in guess_input],
+        recall_runtime=[round(x, 4) for x in guess_runtime],
         recall_previous_token=[round(x, 4) for x in repeat],
         hit_rates=rates,
         busiest_experts_for_share=busiest,

@@ -42,12 +42,13 @@ def quantize_(model: nn.Module, scheme: str | Scheme) -> dict[str, str]:
         device = layer.weight.device
         setattr(owner, attr, make_module(layer, scheme, payload.to(device), scales.to(device)))
     experts, skipped_experts = choose_experts(model, scheme)
+    if experts:  # first: pylomin's experts forward runs float and quantized tensors alike, so a model
+        # interrupted in the loop below still computes what it holds
+        use_quantized_experts(model, list({model.get_submodule(f.module): None for f in experts}))
     for fused in experts:  # per expert, each fused tensor at a time
         module = model.get_submodule(fused.module)
         weight = module._parameters[fused.attr]
         assert weight is not None
         payload, scales = quantize_experts(weight.detach().cpu(), scheme, transposed=fused.transposed)
         swap_tensor_(module, fused.attr, payload.to(weight.device), scales.to(weight.device))
-    if experts:
-        use_quantized_experts(model, list({model.get_submodule(f.module): None for f in experts}))
     return {**skipped, **skipped_experts}

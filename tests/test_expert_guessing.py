@@ -183,3 +183,56 @@ def test_resident_experts_the_kernel_reclaimed_are_read_again_in_large_reads(dis
     size = 3 * 64 * 32 * 4  # gate, up and down slices of one expert, fp32
     assert t["expert_lookups"] == LAYERS * 4 and t["expert_hit_rate"] == 1.0
     assert 0 < t["expert_bytes"] <= LAYERS * 4 * size + LAYERS * 2 * 2 * PAGE  # the chosen, a page either side
+
+
+def test_ctrl_c_between_a_guess_and_the_router_it_guessed_leaves_decoding_exact(disk_dir: Path) -> None:
+    # Layer 0's router has queued layer 1's guesses when the interrupt comes: the next tokens are exact
+    # and the guesses left behind are never taken for the next token's reads.
+    qwen3_moe().save_pretrained(disk_dir / "src")
+    folder = pylomin.convert(disk_dir / "src", disk_dir / "out", progress=False)
+    ref = models.pretrained(transformers.Qwen3MoeForCausalLM, disk_dir / "src")
+    model = pylomin.load_streaming(folder, transformers.Qwen3MoeForCausalLM, memory_budget=0)
+    paging = stream_of(model).lifecycle.pager.experts
+    assert paging is not None
+    fired = []
+
+    def ctrl_c(module: Any, args: Any) -> None:
+        if not fired and paging.guessed:
+            fired.append(dict(paging.guessed))
+            raise KeyboardInterrupt
+
+    handle = model.model.layers[1].mlp.gate.register_forward_pre_hook(ctrl_c)
+    x = models.ids(batch=1, seq=4)
+    options = dict(max_new_tokens=6, do_sample=False)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            model.generate(x, **options)
+    finally:
+        handle.remove()
+    assert fired  # the interrupt came with a guess pending
+    with torch.no_grad(), pylomin.profile(model) as prof:
+        assert torch.equal(model.generate(x, **options), ref.generate(x, **options))
+    t = prof.totals()
+    assert t["expert_wasted_bytes"] <= t["expert_guessed_bytes"]
+
+
+def test_a_guess_that_cannot_be_computed_costs_the_forward_nothing(disk_dir: Path) -> None:
+    qwen3_moe().save_pretrained(disk_dir / "src")
+    folder = pylomin.convert(disk_dir / "src", disk_dir / "out", progress=False)
+    ref = models.pretrained(transformers.Qwen3MoeForCausalLM, disk_dir / "src")
+    model = pylomin.load_streaming(folder, transformers.Qwen3MoeForCausalLM, memory_budget=0)
+    paging = stream_of(model).lifecycle.pager.experts
+    assert paging is not None and len(paging.next) == LAYERS - 1
+    first = next(iter(paging.next))
+    group, weight = paging.next[first]
+    paging.next[first] = (group, weight[:, :-1])  # the next router reads another width than this one's input
+    second = list(paging.next)[1]
+    paging.next[second] = (
+        paging.next[second][0],
+        paging.next[second][1].to(torch.bool),
+    )  # and a weight the float input cannot multiply
+    x = models.ids(batch=1, seq=1)
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(model(x).logits, ref(x).logits)
+    assert first not in paging.next and second not in paging.next

@@ -12,7 +12,7 @@ import pylomin
 from pylomin.format import manifest as fmt
 from pylomin.modeling import is_experts_module
 from tests import models, tiny_models
-from tests.test_layout import PARENT_READS, tensors_of
+from tests.test_layout import PARENT_READS, mixtral, tensors_of
 
 # A parent reads a quantized Linear layer's `weight` itself (Jamba's Mamba mixer: `dt_proj.weight @ x` unless
 # the config says `_is_quantized`, transformers' own quantizers' flag): it fails loudly on the int8 payload.
@@ -58,3 +58,23 @@ def test_every_moe_architecture_streams_its_quantized_experts_as_in_memory(key: 
         if scheme.startswith("int4") and tiny_models.is_causal_lm(ref):  # once per model: the suite's time
             kwargs = dict(max_new_tokens=3, do_sample=False)
             assert torch.equal(model.generate(**x, **kwargs), ref.generate(**x, **kwargs)), (key, scheme)
+
+
+def test_quantized_experts_survive_a_second_quantize_and_dtype_casts() -> None:
+    model = mixtral(experts=4, hidden=64, intermediate=64)
+    pylomin.quantize_(model, "int4-g32")
+    experts = model.model.layers[0].mlp.experts
+    stored = {n: p.detach().clone() for n, p in experts.named_parameters()}
+    assert {"gate_up_proj_scales", "down_proj_scales"} <= set(stored)
+    x = models.ids(batch=1, seq=5)
+    with torch.no_grad():
+        want = model(x).logits
+        pylomin.quantize_(model, "int4-g32")  # quantized already: left as it is, not quantized twice
+        assert all(torch.equal(p, stored[n]) for n, p in experts.named_parameters())
+        assert torch.equal(model(x).logits, want)
+        for cast in (torch.float16, torch.bfloat16, torch.float32):  # the scales keep the kernel's dtype
+            model.to(cast)
+            for n, p in experts.named_parameters():
+                assert p.dtype == stored[n].dtype and torch.equal(p, stored[n]), (cast, n)
+        got = model(x).logits  # the other weights went through fp16 and bf16: close, not equal
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()

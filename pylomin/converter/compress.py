@@ -133,8 +133,8 @@ def choose_experts(model: nn.Module, scheme: Scheme) -> tuple[list[FusedExperts]
             continue
         for attr in EXPERTS_TENSORS:
             p = m._parameters.get(attr)
-            if p is None:
-                continue
+            if p is None or not p.is_floating_point() or scales_name(attr) in m._parameters:
+                continue  # absent, or quantized already
             if p.dim() != 3 or p.shape[0] != count:
                 skipped[f"{name}.{attr}"] = f"{list(p.shape)} is not [{count} experts, out, in]"
                 continue
@@ -170,8 +170,8 @@ def quantize_checkpoint(
     """`ckpt` with the weights of `model`'s quantizable Linear layers replaced by payload and scales.
 
     Each weight is read and quantized when its unit is written, one layer at a time: memory is
-    bounded by about 1.5x (int8) to 2.5x (int4) the largest Linear weight, never the model. Whether
-    this machine's kernels run `scheme` is the caller's to check: the math here calls no kernel.
+    bounded by about 1.5x (int8) to 2.5x (int4) the largest Linear weight (or fused experts tensor),
+    never the model. Whether this machine's kernels run `scheme` is the caller's to check: the math here calls no kernel.
     """
     if model is None:
         raise ValueError(

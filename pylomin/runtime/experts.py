@@ -20,6 +20,7 @@ when they improve.
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any, NamedTuple
 
@@ -32,7 +33,9 @@ from pylomin.runtime.expert_cache import ExpertCache
 from pylomin.runtime.policy import Plan, merge
 from pylomin.runtime.store import Store
 
-# Moving averages of guesses run over about this many experts-module calls.
+logger = logging.getLogger(__name__)
+
+# The moving average of guesses chosen: each experts-module call weighs 0.1 (about the last 10 calls).
 _SMOOTH = 0.1
 # Guesses are read ahead while at least this share of them is lately chosen. A right guess saves at
 # most the compute it overlaps, a wrong one costs a read: with c = compute / reads per layer, guesses
@@ -127,9 +130,18 @@ class ExpertPaging:
         group, weight = following
         if all(name in self.plan.resident for name in self.names[group]):
             return
-        with torch.no_grad():
-            scores = torch.nn.functional.linear(hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype), weight)
-            guess = {int(e) for e in scores.topk(min(self.top_k, scores.shape[-1]), dim=-1).indices.unique().tolist()}
+        if hidden.shape[-1] != weight.shape[-1]:  # the next router reads another width: no guess from here
+            self.next.pop(router, None)
+            return
+        try:
+            with torch.no_grad():
+                scores = torch.nn.functional.linear(hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype), weight)
+                top = scores.topk(min(self.top_k, scores.shape[-1]), dim=-1).indices
+                guess = {int(e) for e in top.unique().tolist()}
+        except Exception as e:  # a guess costs bytes, never the forward: this router guesses no more
+            logger.warning("not guessing the experts after %s: %s", type(router).__name__, e)
+            self.next.pop(router, None)
+            return
         with self.lock:
             guess -= self.cache.kept_in(group)
             read = self.trust >= GUESS_TRUST

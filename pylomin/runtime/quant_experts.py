@@ -11,13 +11,14 @@ its scales (the `<name>_scales` parameter beside it), and every expert tensor le
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pylomin.format.quant import scales_name
+from pylomin.format.quant import KERNEL_DTYPE, scales_name
 from pylomin.modeling import EXPERTS_TENSORS
 from pylomin.runtime.kernels import int4_matmul, int8_matmul
 
@@ -26,10 +27,51 @@ IMPLEMENTATION = "pylomin"
 
 def swap_tensor_(module: nn.Module, attr: str, payload: torch.Tensor, scales: torch.Tensor) -> None:
     """Replace the fused tensor `attr` of experts `module` by its quantized payload and scales (kept in
-    their dtypes whatever dtype the model is loaded or cast in)."""
-    module._parameters[attr] = nn.Parameter(payload, requires_grad=False)
-    module.register_parameter(scales_name(attr), nn.Parameter(scales, requires_grad=False))
-    object.__setattr__(module, "exact_dtype", (*getattr(module, "exact_dtype", ()), attr, scales_name(attr)))
+    their dtypes whatever dtype the model is loaded or cast in): both or, on any error, neither."""
+    name = scales_name(attr)
+    old = module._parameters[attr]
+    try:
+        module._parameters[attr] = nn.Parameter(payload, requires_grad=False)
+        module.register_parameter(name, nn.Parameter(scales, requires_grad=False))
+    except BaseException:
+        module._parameters[attr] = old
+        module._parameters.pop(name, None)
+        raise
+    object.__setattr__(module, "exact_dtype", (*getattr(module, "exact_dtype", ()), attr, name))
+    if "_apply" not in vars(module):  # `.half()`, `.to(dtype)` must not cast the scales (QuantLinear's rule)
+        object.__setattr__(module, "_apply", _ApplyKeepingScales(module))
+
+
+class _ApplyKeepingScales:
+    """An experts module's `_apply` (what `.to()`, `.half()`, `.cuda()` call) once it holds quantized tensors:
+    the scales travel as raw 16-bit integers through a cast, so a device move still applies to them. An
+    object rather than a bound method, so the module still pickles and deep-copies; it holds the module
+    weakly, so a deleted model is freed at once (no reference cycle)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = weakref.ref(module)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_ApplyKeepingScales, (self.module(),))
+
+    def __call__(self, fn: Any, recurse: bool = True) -> nn.Module:
+        module = self.module()
+        assert module is not None  # called through the module
+        names = [n for n in map(scales_name, EXPERTS_TENSORS) if module._parameters.get(n) is not None]
+
+        def view(name: str, dtype: torch.dtype) -> None:
+            p = module._parameters[name]
+            assert p is not None
+            module._parameters[name] = nn.Parameter(p.detach().view(dtype), requires_grad=False)
+
+        for n in names:
+            view(n, torch.int16)
+        try:
+            type(module)._apply(module, fn, recurse)
+        finally:
+            for n in names:
+                view(n, KERNEL_DTYPE)
+        return module
 
 
 def use_quantized_experts(model: nn.Module, modules: list[nn.Module]) -> None:
