@@ -317,6 +317,21 @@ def test_the_cache_key_of_a_scheme_is_its_string_and_the_converters_revision() -
     assert cache._folder_name(commit, None, None) == commit
 
 
+def test_a_conversion_by_an_earlier_revision_is_named_not_reused_nor_deleted(
+    saved: Callable[[str], Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = cache.converted_folder(saved("llama"), cache_dir=tmp_path, progress=False, quantize=parse_scheme("int8"))
+    older = first.with_name(first.name.removesuffix(".r2"))  # as pylomin 0.1 before the revision named it
+    first.rename(older)
+    with caplog.at_level(logging.WARNING, logger="pylomin"):
+        again = cache.converted_folder(
+            saved("llama"), cache_dir=tmp_path, progress=False, quantize=parse_scheme("int8")
+        )
+    assert again == first and (again / fmt.MANIFEST_NAME).is_file()
+    assert (older / fmt.MANIFEST_NAME).is_file()  # the user decides what to delete
+    assert any(str(older) in r.getMessage() and "no longer used" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.bitexact
 def test_a_scale_dtype_survives_a_dtype_cast_at_load(saved: Callable[[str], Path], tmp_path: Path) -> None:
     folder = pylomin.convert(saved("bert"), tmp_path / "out", quantize="int8", progress=False)

@@ -107,6 +107,23 @@ def _convert_once(
         if not (out / fmt.MANIFEST_NAME).is_file():
             logger.info("converting %s into the cache at `%s` (once; later loads use it)", what, out)
             convert_local(src, out, source, progress=progress, model_cls=model_cls, quantize=quantize)
+            for older in _older_revisions(out):
+                logger.warning(
+                    "`%s` (%.0f MiB), an earlier pylomin's quantized conversion of the same model, is no longer "
+                    "used: delete that folder to free its space",
+                    older,
+                    _size(older) / 2**20,
+                )
+
+
+def _older_revisions(out: Path) -> list[Path]:
+    """The folders beside `out` holding the same quantized conversion by an earlier `format.quant.REVISION`."""
+    match = re.fullmatch(r"(.+)\.r(\d+)", out.name)
+    if match is None:
+        return []
+    stem, revision = match[1], int(match[2])
+    names = {stem, *(f"{stem}.r{r}" for r in range(2, revision))}
+    return sorted(p for p in out.parent.iterdir() if p.name in names and (p / fmt.MANIFEST_NAME).is_file())
 
 
 def resolve(
