@@ -84,6 +84,13 @@ def _cached_experts(folder: Path, layer: str, count: int) -> set[int]:
     return out
 
 
+def _qwen3_converted(disk_dir: Path) -> tuple[Path, Any]:
+    """The Qwen3-MoE layout saved, converted, and its in-memory reference."""
+    qwen3_moe().save_pretrained(disk_dir / "src")
+    folder = pylomin.convert(disk_dir / "src", disk_dir / "out", progress=False)
+    return folder, models.pretrained(transformers.Qwen3MoeForCausalLM, disk_dir / "src")
+
+
 @pytest.mark.parametrize("guessing", [False, True], ids=["waits-for-the-router", "guesses-ahead"])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_a_decode_token_reads_only_the_experts_it_chose_or_guessed(layout: str, guessing: bool, disk_dir: Path) -> None:
@@ -120,10 +127,7 @@ def test_a_decode_token_reads_only_the_experts_it_chose_or_guessed(layout: str, 
 
 
 def test_a_guess_that_is_always_wrong_changes_no_output_is_dropped_and_then_no_longer_read(disk_dir: Path) -> None:
-    model_in_memory = qwen3_moe()
-    model_in_memory.save_pretrained(disk_dir / "src")
-    folder = pylomin.convert(disk_dir / "src", disk_dir / "out", progress=False)
-    ref = models.pretrained(transformers.Qwen3MoeForCausalLM, disk_dir / "src")
+    folder, ref = _qwen3_converted(disk_dir)
     model = pylomin.load_streaming(folder, transformers.Qwen3MoeForCausalLM, memory_budget=0, prefetch=0)
     paging = stream_of(model).lifecycle.pager.experts
     assert paging is not None and len(paging.next) == LAYERS - 1
@@ -160,9 +164,7 @@ def test_a_prompt_pass_guesses_nothing_it_reads_whole_layers(disk_dir: Path) -> 
 
 def test_resident_experts_the_kernel_reclaimed_are_read_again_in_large_reads(disk_dir: Path) -> None:
     # Resident experts are random-access pages: faulted back in after a reclaim they would come 4 KiB at a time.
-    qwen3_moe().save_pretrained(disk_dir / "src")
-    folder = pylomin.convert(disk_dir / "src", disk_dir / "out", progress=False)
-    ref = models.pretrained(transformers.Qwen3MoeForCausalLM, disk_dir / "src")
+    folder, ref = _qwen3_converted(disk_dir)
     model = pylomin.load_streaming(folder, transformers.Qwen3MoeForCausalLM, memory_budget="1GiB")
     plan = stream_of(model).policy.plan
     assert all(n in plan.resident for n in plan.experts)  # every expert resident
@@ -188,9 +190,7 @@ def test_resident_experts_the_kernel_reclaimed_are_read_again_in_large_reads(dis
 def test_ctrl_c_between_a_guess_and_the_router_it_guessed_leaves_decoding_exact(disk_dir: Path) -> None:
     # Layer 0's router has queued layer 1's guesses when the interrupt comes: the next tokens are exact
     # and the guesses left behind are never taken for the next token's reads.
-    qwen3_moe().save_pretrained(disk_dir / "src")
-    folder = pylomin.convert(disk_dir / "src", disk_dir / "out", progress=False)
-    ref = models.pretrained(transformers.Qwen3MoeForCausalLM, disk_dir / "src")
+    folder, ref = _qwen3_converted(disk_dir)
     model = pylomin.load_streaming(folder, transformers.Qwen3MoeForCausalLM, memory_budget=0)
     paging = stream_of(model).lifecycle.pager.experts
     assert paging is not None
@@ -217,9 +217,7 @@ def test_ctrl_c_between_a_guess_and_the_router_it_guessed_leaves_decoding_exact(
 
 
 def test_a_guess_that_cannot_be_computed_costs_the_forward_nothing(disk_dir: Path) -> None:
-    qwen3_moe().save_pretrained(disk_dir / "src")
-    folder = pylomin.convert(disk_dir / "src", disk_dir / "out", progress=False)
-    ref = models.pretrained(transformers.Qwen3MoeForCausalLM, disk_dir / "src")
+    folder, ref = _qwen3_converted(disk_dir)
     model = pylomin.load_streaming(folder, transformers.Qwen3MoeForCausalLM, memory_budget=0)
     paging = stream_of(model).lifecycle.pager.experts
     assert paging is not None and len(paging.next) == LAYERS - 1
