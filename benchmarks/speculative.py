@@ -102,7 +102,7 @@ def measure_verify(child: Child) -> None:
             with child.phase(f"k={k} #{i}"):
                 cache = copy.deepcopy(past)
                 read0, t0 = read_bytes(), time.perf_counter()
-                model(new[:, :k], past_key_values=cache, use_cache=True)
+                model(new[:, :k], cache=cache, use_cache=True)
                 samples[k].append((time.perf_counter() - t0, read_bytes() - read0))
                 r["samples"] = {str(k): v for k, v in samples.items()}
     for k, v in samples.items():

@@ -79,7 +79,7 @@ def test_a_verify_pass_of_k_tokens_reads_each_streamed_unit_once(tmp_path: Path,
     for k in (1, 5):
         past = _past(model, prefix)
         with torch.no_grad(), pylomin.profile(model) as prof:
-            model(models.ids(batch=1, seq=k, seed=k), past_key_values=past, use_cache=True)
+            model(models.ids(batch=1, seq=k, seed=k), cache=past, use_cache=True)
         reads = [(s.unit, s.nbytes) for s in prof.spans if s.kind in ("read", "load") and s.nbytes]
         if prefetch == 0:  # read in the pass itself: exactly each streamed unit, once
             assert sorted(reads) == sorted(streamed.items()), (k, reads)
@@ -100,8 +100,8 @@ def test_a_verify_pass_of_k_tokens_reads_the_union_of_their_experts(disk_dir: Pa
     past, ref_past = _past(model, prefix), _past(ref, prefix)
     chosen = models.chosen_experts(model)
     with torch.no_grad(), pylomin.profile(model) as prof:
-        out = model(new, past_key_values=past, use_cache=True).logits
-        assert torch.equal(out, ref(new, past_key_values=ref_past, use_cache=True).logits)
+        out = model(new, cache=past, use_cache=True).logits
+        assert torch.equal(out, ref(new, cache=ref_past, use_cache=True).logits)
     union = sum(len(e) for e in chosen.values())
     assert 2 * 2 <= union < 2 * 8  # more than one token's, fewer than every expert
     assert sum(s.nbytes for s in prof.spans if s.kind == "experts") == union * expert
