@@ -1,9 +1,9 @@
-"""Mixture-of-experts decoding: per-expert paging (guessing the next layer's experts or waiting for its router), int4 experts, per-layer paging, accelerate and the in-memory model.
+"""Mixture-of-experts decoding: per-expert paging, int4 experts, per-layer paging, accelerate, in memory.
 
 Contenders: in memory (and quantized in memory), accelerate, per-layer paging, per-expert paging that waits
 for each router or guesses ahead (the default), int4 experts (with and without the LM head quantized),
-expert caches of 25 / 50 %, and the defaults. Two random models, each ~0.9 GB fp32, 8 layers: Mixtral-shaped (8 experts of 10.5 MiB, top-2) and
-Qwen3-MoE-shaped (64 experts of 1.5 MiB, top-8: many small reads). Greedy generate() of 32 tokens from
+expert caches of 25 / 50 %, and the defaults. Two random models, each ~0.9 GB fp32, 8 layers:
+Mixtral-shaped (8 experts of 10.5 MiB, top-2) and Qwen3-MoE-shaped (64 experts of 1.5 MiB, top-8: many small reads). Greedy generate() of 32 tokens from
 a fixed 16-token prompt. Each contender in a fresh process: its files evicted after loading, one
 generate() (cold), then another (warm; pylomin's profiled: the share of guessed experts the router
 then chose). Per token, a streamer records the time and /proc/self/io read_bytes: prefill, decode tok/s

@@ -13,11 +13,12 @@ from pylomin.runtime.quant_experts import swap_tensor_, use_quantized_experts
 
 
 def quantize_(model: nn.Module, scheme: str | Scheme) -> dict[str, str]:
-    """Quantize the Linear layers and fused experts of an in-memory `model` in place (one at a time); returns the skipped ones.
+    """Quantize the Linear layers and fused experts of an in-memory `model` in place; returns the skipped ones.
 
     The same layers and modules a converted folder gets, so an in-memory model and a streamed one
-    give identical outputs. Fused experts (transformers' experts modules) are quantized expert by
-    expert and run by pylomin's experts forward (`experts_implementation="pylomin"`). A scheme this machine's kernels cannot run is refused first.
+    give identical outputs. One layer at a time; fused experts (transformers' experts modules) expert
+    by expert, run by pylomin's experts forward (`experts_implementation="pylomin"`). A scheme this
+    machine's kernels cannot run is refused first.
 
     Args:
         model: a model in memory (changed in place).
@@ -25,7 +26,8 @@ def quantize_(model: nn.Module, scheme: str | Scheme) -> dict[str, str]:
             `head=True`, the LM head too), or the shorthand `"int8"`, `"int4"`, `"int4-g128"`.
 
     Returns:
-        The Linear layers (and fused experts tensors) left as they are, each with the reason (too small, tied, an odd width, the head).
+        The Linear layers (and fused experts tensors) left as they are, each with the reason (too small,
+        tied, an odd width, the head).
 
     Example:
         >>> skipped = pylomin.quantize_(model, "int8")

@@ -20,22 +20,28 @@ PAGE = mmap.PAGESIZE
 LAYERS = 3
 
 
+# What both layouts share: small attention, every layer an MoE layer.
+_COMMON: dict[str, Any] = dict(
+    vocab_size=models.VOCAB,
+    hidden_size=64,
+    intermediate_size=64,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=64,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+)
+
+
 def qwen2_moe() -> transformers.PreTrainedModel:
     """Qwen2-MoE's layout: 8 routed experts (top-2) beside a shared expert, a dense unit of the layer."""
     cfg = transformers.Qwen2MoeConfig(
-        vocab_size=models.VOCAB,
-        hidden_size=64,
-        intermediate_size=64,
+        **_COMMON,
         moe_intermediate_size=64,
         shared_expert_intermediate_size=64,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=2,
-        num_key_value_heads=1,
         num_experts=8,
         num_experts_per_tok=2,
-        max_position_embeddings=64,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
     )
     torch.manual_seed(0)
     return transformers.Qwen2MoeForCausalLM(cfg).eval()
@@ -44,19 +50,7 @@ def qwen2_moe() -> transformers.PreTrainedModel:
 def qwen3_moe() -> transformers.PreTrainedModel:
     """Qwen3-MoE's layout: many small experts, 32 of 24 KiB, top-4."""
     cfg = transformers.Qwen3MoeConfig(
-        vocab_size=models.VOCAB,
-        hidden_size=64,
-        intermediate_size=64,
-        moe_intermediate_size=32,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        num_experts=32,
-        num_experts_per_tok=4,
-        max_position_embeddings=64,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
+        **_COMMON, moe_intermediate_size=32, head_dim=32, num_experts=32, num_experts_per_tok=4
     )
     torch.manual_seed(0)
     return transformers.Qwen3MoeForCausalLM(cfg).eval()

@@ -73,7 +73,10 @@ def test_int4_payload_and_scales_keep_the_stored_format(kind: str) -> None:
     sz = scales.float().transpose(0, 1).repeat_interleave(32, dim=1)  # [out, in, 2]
     s, z = sz[..., 0], sz[..., 1]
     want = (((w - z) / s + 8).round().clamp(0, 15) - 8) * s + z
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # Equal but for the kernel's own rounding of (q - 8) * s + z (a fused multiply-add on some CPUs, not on
+    # others): a level off by one is off by a whole scale.
+    off = (got - want).abs()
+    assert (off <= s * 2**-16).all(), float((off / s).max())
     # And the kernel's product with bf16 activations is that weight's product.
     x = torch.randn(5, 256, generator=torch.Generator().manual_seed(1)).to(BF16)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, payload, 32, scales)

@@ -41,16 +41,13 @@ MIN_WEIGHT_NUMEL = 4096
 
 
 def skip_reason(shape: tuple[int, ...], scheme: Scheme, *, count: int = 1) -> str | None:
-    """Why a Linear weight of `shape` [out, in] (`count` of them: fused experts) is not quantized with `scheme` (None: it is)."""
+    """Why a Linear weight of `shape` [out, in] (`count` of them: fused experts) is not quantized with `scheme`
+    (None: it is)."""
     if len(shape) != 2:
         return f"{len(shape)}-D weight"
     n, k = shape
     if count * n * k < MIN_WEIGHT_NUMEL:
-        return (
-            f"small ({count}x{n}x{k} < {MIN_WEIGHT_NUMEL} weights)"
-            if count > 1
-            else f"small ({n}x{k} < {MIN_WEIGHT_NUMEL} weights)"
-        )
+        return f"small ({f'{count}x' if count > 1 else ''}{n}x{k} < {MIN_WEIGHT_NUMEL} weights)"
     # torch's CPU kernels read inputs in blocks: other widths give wrong results or crash (measured).
     if isinstance(scheme, Int8WeightOnly):
         return f"in_features {k} is not a multiple of 32" if k % 32 else None
@@ -171,7 +168,8 @@ def quantize_checkpoint(
 
     Each weight is read and quantized when its unit is written, one layer at a time: memory is
     bounded by about 1.5x (int8) to 2.5x (int4) the largest Linear weight (or fused experts tensor),
-    never the model. Whether this machine's kernels run `scheme` is the caller's to check: the math here calls no kernel.
+    never the model. Whether this machine's kernels run `scheme` is the caller's to check: the math
+    here calls no kernel.
     """
     if model is None:
         raise ValueError(

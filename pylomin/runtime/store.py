@@ -162,11 +162,7 @@ class Store:
         each whole range as large reads (the disk's queue depth, not one range after another), then
         the pages are mapped from the page cache.
         """
-        spans = []
-        for file, offset, length in ranges:
-            m = self._maps.get(file)
-            if m is not None and length > 0:
-                spans.append((file, *_os.page_range(offset, length, len(m))))
+        spans = self._spans(ranges)
         for span in spans:
             self._will_need(*span)
         for span in spans:
@@ -181,10 +177,16 @@ class Store:
 
     def will_need(self, ranges: list[fmt.Range]) -> None:
         """Queue reads of these ranges and return: `read_exactly` later finds them read or in flight."""
-        for file, offset, length in ranges:
-            m = self._maps.get(file)
-            if m is not None and length > 0:
-                self._will_need(file, *_os.page_range(offset, length, len(m)))
+        for span in self._spans(ranges):
+            self._will_need(*span)
+
+    def _spans(self, ranges: list[fmt.Range]) -> list[tuple[str, int, int]]:
+        # (file, begin, end) of each non-empty range of a mapped file, widened to whole pages.
+        return [
+            (file, *_os.page_range(offset, length, len(m)))
+            for file, offset, length in ranges
+            if (m := self._maps.get(file)) is not None and length > 0
+        ]
 
     def _will_need(self, file: str, begin: int, end: int) -> None:
         """Queue reads of `[begin, end)` without waiting for them.

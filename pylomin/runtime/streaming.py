@@ -187,8 +187,8 @@ def self_draft(model: nn.Module, quantize: str | Scheme = "int4") -> nn.Module:
 # a verify pass reads what streams once, however many tokens it checks (5 tokens cost 1.06x the time of 1
 # under half the model), so the draft proposes 8 tokens every time instead of transformers' in-memory
 # defaults (up to 20, stopping where its confidence falls below 0.4). Measured on a model trained on the
-# standard library, half of it resident: the self-draft decoded 3.60x plain streamed decode this way,
-# 1.78x with the defaults (`python -m benchmarks.speculative --parts draft`).
+# standard library, half of it resident: the self-draft decoded 3.84x plain streamed decode this way,
+# 1.82x with the defaults (`python -m benchmarks.speculative --parts draft`, docs/benchmarks.md).
 DRAFT_PROPOSALS = {
     "num_assistant_tokens": 8,
     "num_assistant_tokens_schedule": "constant",
@@ -314,7 +314,8 @@ def _guessing(
             continue
         weight = store.view(name)
         if weight.is_floating_point() and weight.dim() == 2:
-            out.append((router, before, after, weight.clone()))  # [E, hidden]: a few hundred KiB a layer
+            # [E, hidden]: a few KiB for the tests' models, 3.5 MiB a layer at 256 experts x 7168 (bf16)
+            out.append((router, before, after, weight.clone()))
     return out
 
 
