@@ -101,6 +101,7 @@ def test_converter_killed_at_random_points_leaves_nothing_that_looks_complete(tm
     out = tmp_path / "out"
     code = f"""
         import sys, time
+        import pylomin.converter.convert, transformers  # imported before the clock starts: kills land in the work
         from pylomin.tools.cli import main
         print("START", flush=True)
         t0 = time.perf_counter()
